@@ -1,0 +1,136 @@
+"""``emmito <verb>``: one entry point, one verb per stage.
+
+Each verb parses its arguments and calls its stage's ``run`` function. Stage
+parameters come as config sections, either from ``--config FILE`` (a workflow
+config) or ``--params JSON`` (what the Snakemake rules pass), with the schema's
+defaults filled in. Expected mistakes (``EmmitoError``) print one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from emmito import __version__
+from emmito.io import EmmitoError
+
+SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate")
+
+
+def stage_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The validated config sections for a verb: --config file, then --params on top."""
+    from emmito import config as cfg
+
+    partial: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        loaded = cfg.load(args.config)
+        partial = {k: v for k, v in loaded.items() if k in SECTIONS}
+    if getattr(args, "params", None):
+        try:
+            extra = json.loads(args.params)
+        except json.JSONDecodeError as exc:
+            raise EmmitoError(f"--params is not valid JSON ({exc}): pass an object such as '{{\"segment\": {{\"min_size\": 500}}}}'") from None
+        if not isinstance(extra, dict):
+            raise EmmitoError("--params must be a JSON object of config sections, such as '{\"segment\": {}}'")
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(partial.get(key), dict):
+                partial[key] = {**partial[key], **value}
+            else:
+                partial[key] = value
+    full = {"volumes": {"_": {"images": "_"}}, **partial}
+    cfg._check_schema(full, source="--params" if getattr(args, "params", None) else "config")
+    full.pop("volumes")
+    return full
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="workflow config YAML to take stage parameters from")
+    p.add_argument("--params", help="JSON object of config sections, e.g. '{\"segment\": {\"min_size\": 500}}' (overrides --config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"emmito {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("synth", help="write a synthetic EM-like volume with instance labels as PNG slices")
+    p.add_argument("out_dir", type=Path, help="writes OUT_DIR/images/*.png and OUT_DIR/labels/*.png (VAST RGB ids)")
+    p.add_argument("--slices", type=int, default=64)
+    p.add_argument("--size", type=int, default=256, help="slice height and width in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--density", type=float, default=1.0, help="relative number of mitochondria")
+
+    p = verbs.add_parser("convert", help="PNG slices -> image.h5 (uint8) and label.h5 (uint32)")
+    p.add_argument("--images", required=True, help="folder or glob of image PNG slices")
+    p.add_argument("--labels", help="folder or glob of label PNG slices")
+    p.add_argument("--label-format", choices=["binary", "instance", "vast"], default="binary")
+    p.add_argument("--voxel-size", type=float, nargs=3, default=[40.0, 8.0, 8.0], metavar=("Z", "Y", "X"))
+    p.add_argument("--image-out", type=Path, required=True)
+    p.add_argument("--label-out", type=Path)
+
+    p = verbs.add_parser("train", help="train the 3D U-Net; writes a checkpoint and a metrics log")
+    p.add_argument("--train", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"))
+    p.add_argument("--val", nargs=2, action="append", default=[], metavar=("IMAGE", "LABEL"))
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True, help="JSON lines, one per logged iteration")
+    _add_params(p)
+
+    p = verbs.add_parser("infer", help="heatmap of one chunk of slices")
+    p.add_argument("image", type=Path)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--chunk", type=int, required=True, help="chunk index")
+    _add_params(p)
+
+    p = verbs.add_parser("merge", help="assemble the chunks of one block (plus overlap)")
+    p.add_argument("out", type=Path)
+    p.add_argument("chunks", type=Path, nargs="+")
+    p.add_argument("--block", type=int, required=True, help="block index")
+    _add_params(p)
+
+    p = verbs.add_parser("segment", help="instance segmentation of one heatmap block (block-local ids)")
+    p.add_argument("heat", type=Path)
+    p.add_argument("out", type=Path)
+    _add_params(p)
+
+    p = verbs.add_parser("trace", help="block-local ids -> one volume of global ids + id map")
+    p.add_argument("out", type=Path, help="traced volume (inference resolution)")
+    p.add_argument("id_map", type=Path, help="trace.json")
+    p.add_argument("blocks", type=Path, nargs="+", help="seg/block_*.h5 in block order")
+    _add_params(p)
+
+    p = verbs.add_parser("upsample", help="traced labels -> full image resolution + a multiscale pyramid")
+    p.add_argument("traced", type=Path)
+    p.add_argument("image", type=Path, help="image.h5, for the full-resolution shape")
+    p.add_argument("out", type=Path)
+    _add_params(p)
+
+    p = verbs.add_parser("evaluate", help="voxel and instance metrics against ground truth")
+    p.add_argument("seg", type=Path)
+    p.add_argument("label", type=Path)
+    p.add_argument("out", type=Path, help="metrics.json")
+    _add_params(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        module = import_module(f"emmito.{args.verb}")
+        params = stage_config(args) if hasattr(args, "params") else {}
+        module.run_cli(args, params)
+    except EmmitoError as exc:
+        print(f"emmito {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"emmito {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
