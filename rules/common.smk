@@ -1,0 +1,193 @@
+# Everything that is not a rule: config validation, chunk/block arithmetic, input functions.
+# Parse-time work stays cheap because every cluster job parses this again: one directory
+# listing and one PNG header per volume, no image decoding.
+
+import json
+import re
+import shlex
+from functools import cache
+
+import emmito
+from emmito import blocks
+from emmito.config import validate as validate_config
+from emmito.io import EmmitoError, list_slices
+from PIL import Image
+from snakemake.exceptions import WorkflowError
+
+
+try:
+    validate_config(config, source="config")
+except EmmitoError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
+wildcard_constraints:
+    vol="|".join(re.escape(v) for v in sorted(config["volumes"])),
+    chunk=r"\d+",
+    block=r"\d+",
+
+
+MODEL_DIR = f"results/model/{config['model']['name']}"
+CHUNK_SLICES = config["infer"]["chunk_slices"]
+BLOCK_SLICES = config["merge"]["block_slices"]
+BLOCK_OVERLAP = config["merge"]["block_overlap"]
+CONDA_ENV = "../envs/emmito.yaml"
+
+
+@cache
+def slice_files(vol, kind="images"):
+    """The PNG slices of a volume, ordered by the number in their names."""
+    try:
+        return [str(p) for p in list_slices(config["volumes"][vol][kind])]
+    except EmmitoError as exc:
+        raise WorkflowError(f"volumes.{vol}.{kind}: {exc}") from None
+
+
+@cache
+def depth(vol):
+    return len(slice_files(vol))
+
+
+@cache
+def slice_voxels(vol):
+    """Voxels per slice at inference resolution (one PNG header read), for memory requests."""
+    with Image.open(slice_files(vol)[0]) as first:
+        width, height = first.size
+    factor = config["infer"]["downsample_xy"]
+    return max(1, (height // factor) * (width // factor))
+
+
+def has_labels(vol):
+    return "labels" in config["volumes"][vol]
+
+
+def n_chunks(vol):
+    return blocks.count(depth(vol), CHUNK_SLICES)
+
+
+def n_blocks(vol):
+    return blocks.count(depth(vol), BLOCK_SLICES)
+
+
+# ---- outputs -----------------------------------------------------------------
+
+
+def all_outputs():
+    """Final targets: the traced, full-resolution segmentation and, where labels exist, metrics."""
+    targets = [f"{MODEL_DIR}/checkpoint.pt"]
+    for vol in config["infer"]["volumes"]:
+        targets.append(f"results/{vol}/seg.h5")
+        if has_labels(vol):
+            targets.append(f"results/{vol}/metrics.json")
+    return targets
+
+
+# ---- input functions -----------------------------------------------------------
+
+
+def convert_images(wildcards):
+    return slice_files(wildcards.vol)
+
+
+def convert_labels(wildcards):
+    if not has_labels(wildcards.vol):
+        raise WorkflowError(
+            f"results/{wildcards.vol}/label.h5 was requested but volumes.{wildcards.vol} has no 'labels': add them to the config"
+        )
+    return slice_files(wildcards.vol) + slice_files(wildcards.vol, "labels")
+
+
+def train_inputs(wildcards):
+    vols = config["train"]["volumes"] + config["train"]["validation"]
+    if not config["train"]["volumes"]:
+        raise WorkflowError(
+            "train.volumes is empty: name the labelled volumes to train on (or put a trained checkpoint at "
+            f"{MODEL_DIR}/checkpoint.pt)"
+        )
+    return [f"results/{v}/{kind}.h5" for v in vols for kind in ("image", "label")]
+
+
+def train_args(wildcards):
+    args = [f"--train results/{v}/image.h5 results/{v}/label.h5" for v in config["train"]["volumes"]]
+    args += [f"--val results/{v}/image.h5 results/{v}/label.h5" for v in config["train"]["validation"]]
+    return " ".join(args)
+
+
+def merge_chunks(wildcards):
+    chunk_indices = blocks.chunks_of_block(
+        int(wildcards.block), BLOCK_SLICES, BLOCK_OVERLAP, CHUNK_SLICES, depth(wildcards.vol)
+    )
+    return [f"results/{wildcards.vol}/heat/chunk_{c}.h5" for c in chunk_indices]
+
+
+def trace_blocks(wildcards):
+    return [f"results/{wildcards.vol}/seg/block_{b}.h5" for b in range(n_blocks(wildcards.vol))]
+
+
+def evaluate_inputs(wildcards):
+    return {"seg": f"results/{wildcards.vol}/seg.h5", "label": f"results/{wildcards.vol}/label.h5"}
+
+
+# ---- parameters ------------------------------------------------------------------
+
+
+def stage_params(*sections):
+    """The config sections a stage reads, as one shell-quoted JSON argument.
+
+    Being a param, a change in these values makes Snakemake rerun the stage.
+    """
+    chosen = {s: config[s] for s in sections}
+    chosen["emmito_version"] = emmito.__version__
+    return shlex.quote(json.dumps(chosen, sort_keys=True, separators=(",", ":")))
+
+
+# ---- resources -------------------------------------------------------------------
+# Memory requests grow with the slices a job holds and with the retry attempt, so that a
+# job killed for memory on a cluster comes back with more.
+
+
+def mem_mb(slices, bytes_per_voxel, base_mb=1000):
+    def request(wildcards, attempt):
+        voxels = slices(wildcards) * slice_voxels(wildcards.vol) if hasattr(wildcards, "vol") else 0
+        return int((base_mb + bytes_per_voxel * voxels / 2**20) * attempt)
+
+    return request
+
+
+def chunk_slices_of(wildcards):
+    return CHUNK_SLICES + 2 * config["model"]["patch"][0]
+
+
+def block_slices_of(wildcards):
+    return BLOCK_SLICES + BLOCK_OVERLAP
+
+
+def runtime_minutes(minutes):
+    def request(wildcards, attempt):
+        return minutes * attempt
+
+    return request
+
+
+def one_slice(wildcards):
+    return 1
+
+
+def no_slices(wildcards):
+    return 0
+
+
+# ---- shell arguments ----------------------------------------------------------------
+
+
+def images_arg(wildcards):
+    return shlex.quote(config["volumes"][wildcards.vol]["images"])
+
+
+def labels_arg(wildcards):
+    volume = config["volumes"][wildcards.vol]
+    return f"--labels {shlex.quote(volume['labels'])} --label-format {volume['label_format']}"
+
+
+def voxel_size_arg(wildcards):
+    return " ".join(str(v) for v in config["volumes"][wildcards.vol]["voxel_size"])

@@ -1,0 +1,47 @@
+rule convert:
+    """PNG slices -> results/{vol}/image.h5 (uint8, z y x)."""
+    input:
+        convert_images,
+    output:
+        "results/{vol}/image.h5",
+    params:
+        images=images_arg,
+        voxel_size=voxel_size_arg,
+    log:
+        "results/logs/convert/{vol}.log",
+    benchmark:
+        "results/benchmarks/convert/{vol}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(one_slice, 32),
+        runtime=runtime_minutes(60),
+    shell:
+        "emmito convert --images {params.images} --voxel-size {params.voxel_size}"
+        " --image-out {output} > {log} 2>&1"
+
+
+rule convert_labels:
+    """Label PNG slices -> results/{vol}/label.h5 (uint32 instance ids, z y x)."""
+    input:
+        convert_labels,
+    output:
+        "results/{vol}/label.h5",
+    params:
+        images=images_arg,
+        labels=labels_arg,
+        voxel_size=voxel_size_arg,
+    log:
+        "results/logs/convert_labels/{vol}.log",
+    benchmark:
+        "results/benchmarks/convert_labels/{vol}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(block_slices_of, 12),
+        runtime=runtime_minutes(60),
+    shell:
+        "emmito convert --images {params.images} {params.labels} --voxel-size {params.voxel_size}"
+        " --label-out {output} > {log} 2>&1"

@@ -1,0 +1,20 @@
+rule evaluate:
+    """Voxel and instance metrics of the final segmentation against the ground-truth labels."""
+    input:
+        unpack(evaluate_inputs),
+    output:
+        "results/{vol}/metrics.json",
+    params:
+        config=stage_params("evaluate"),
+    log:
+        "results/logs/evaluate/{vol}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{vol}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(block_slices_of, 40),
+        runtime=runtime_minutes(60),
+    shell:
+        "emmito evaluate {input.seg} {input.label} {output} --params {params.config} > {log} 2>&1"

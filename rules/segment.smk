@@ -1,0 +1,20 @@
+rule segment:
+    """Instance segmentation of heatmap block {block}; ids are local to the block."""
+    input:
+        "results/{vol}/heat/block_{block}.h5",
+    output:
+        "results/{vol}/seg/block_{block}.h5",
+    params:
+        config=stage_params("segment"),
+    log:
+        "results/logs/segment/{vol}/block_{block}.log",
+    benchmark:
+        "results/benchmarks/segment/{vol}/block_{block}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(block_slices_of, 24),
+        runtime=runtime_minutes(120),
+    shell:
+        "emmito segment {input} {output} --params {params.config} > {log} 2>&1"

@@ -1,0 +1,21 @@
+rule trace:
+    """Block-local ids -> one volume of global ids (inference resolution) + the id map."""
+    input:
+        trace_blocks,
+    output:
+        seg="results/{vol}/seg_infer.h5",
+        id_map="results/{vol}/trace.json",
+    params:
+        config=stage_params("merge", "trace"),
+    log:
+        "results/logs/trace/{vol}.log",
+    benchmark:
+        "results/benchmarks/trace/{vol}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(block_slices_of, 12),
+        runtime=runtime_minutes(120),
+    shell:
+        "emmito trace {output.seg} {output.id_map} {input} --params {params.config} > {log} 2>&1"

@@ -1,0 +1,24 @@
+rule train:
+    """Train the 3D U-Net on the labelled volumes (GPU rule; runs on CPU where there is none)."""
+    input:
+        train_inputs,
+    output:
+        checkpoint=f"{MODEL_DIR}/checkpoint.pt",
+        metrics=f"{MODEL_DIR}/metrics.jsonl",
+    params:
+        volumes=train_args,
+        config=stage_params("seed", "model", "train", "infer"),
+    log:
+        f"{MODEL_DIR}/train.log",
+    benchmark:
+        f"{MODEL_DIR}/train.benchmark.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=mem_mb(no_slices, 0, base_mb=8000),
+        runtime=runtime_minutes(24 * 60),
+    shell:
+        "emmito train {params.volumes} --checkpoint {output.checkpoint} --metrics {output.metrics}"
+        " --params {params.config} > {log} 2>&1"

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# start-slurm.sh - a throw-away one-node SLURM cluster for CI and for running tests/test_slurm.py.
+#
+# Usage: sudo tests/slurm/start-slurm.sh        (stop it with: sudo tests/slurm/stop-slurm.sh)
+#
+# Two partitions on one node: `cpu` (default) and `gpu`, with one stand-in GPU so that
+# `--gpus=1` jobs schedule on machines without one. No accounting database: clients must
+# query job states with squeue (tests/slurm/profile sets slurm-status-command: squeue).
+# Idempotent: when the cluster from $SLURM_CI_DIR already answers, it says so and exits 0.
+# Tested on Debian 12 (SLURM 22.05) as root without systemd; only the daemons need root,
+# jobs run as whoever submits them (root included).
+set -euo pipefail
+
+BASE=${SLURM_CI_DIR:-/tmp/emmito-slurm}   # state, spool, logs and pid files
+export DEBIAN_FRONTEND=noninteractive
+
+node_state() { sinfo -h -N -o %T 2>/dev/null | head -n 1; }
+
+# Already running (ours, or any cluster that answers with both partitions): nothing to do.
+if [ -s "$BASE/slurmctld.pid" ] && kill -0 "$(cat "$BASE/slurmctld.pid")" 2>/dev/null; then
+  if [ "$(node_state)" = idle ] || [ "$(node_state)" = mixed ] || [ "$(node_state)" = allocated ]; then
+    echo "SLURM from $BASE is already running:"
+    sinfo
+    exit 0
+  fi
+  echo "SLURM from $BASE is running but its node is '$(node_state)': run tests/slurm/stop-slurm.sh, then start again" >&2
+  exit 1
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "start-slurm.sh must run as root (it installs packages and starts daemons): sudo $0" >&2
+  exit 1
+fi
+
+# 1. Packages (~9 s). --no-install-recommends: 8 packages instead of ~84 (*-dev, plugins).
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
+   || ! command -v sinfo >/dev/null || ! command -v munged >/dev/null; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge
+fi
+# On systemd hosts (e.g. GitHub runners) apt may have started its own units; we run our own copies.
+if [ -d /run/systemd/system ]; then systemctl stop slurmctld slurmd 2>/dev/null || true; fi
+
+# Begin from a clean state: old state can keep the node DRAINED or INVAL.
+rm -rf "$BASE/ctld" "$BASE/d" "$BASE/log"
+mkdir -p "$BASE"/{ctld,d,log}
+chown -R slurm:slurm "$BASE"
+
+# 2. munge: a key (the Debian postinst normally makes it) and the daemon, as user munge.
+if [ ! -s /etc/munge/munge.key ]; then
+  dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+fi
+chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
+mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+  runuser -u munge -- /usr/sbin/munged   # daemonizes; its PID lands in /run/munge/munged.pid
+  for _ in $(seq 20); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
+  cp /run/munge/munged.pid "$BASE/munged.pid"   # recorded only when we started it
+fi
+munge -n | unmunge >/dev/null   # fail fast when authentication is broken
+
+# 3. Config. CPUs/RealMemory above what slurmd detects would make the node INVAL.
+DETECTED=$(slurmd -C)
+CPUS=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$DETECTED")
+MEM=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$DETECTED")
+MEM=$(( MEM * 85 / 100 ))   # leave room for the daemons and the submitting snakemake
+mkdir -p /etc/slurm
+cat > /etc/slurm/slurm.conf <<CONF
+# Written by emmito tests/slurm/start-slurm.sh: one-node CI cluster, no cgroups, no slurmdbd.
+ClusterName=emmito-ci
+SlurmctldHost=localhost
+SlurmUser=slurm
+AuthType=auth/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+ReturnToService=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+# No accounting DB, so sacct fails ("Slurm accounting storage is disabled"); squeue shows
+# finished jobs for MinJobAge seconds, which must be >= 3x the plugin's first status delay.
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=600
+StateSaveLocation=$BASE/ctld
+SlurmdSpoolDir=$BASE/d
+SlurmctldPidFile=$BASE/slurmctld.daemon.pid
+SlurmdPidFile=$BASE/slurmd.daemon.pid
+SlurmctldLogFile=$BASE/log/slurmctld.log
+SlurmdLogFile=$BASE/log/slurmd.log
+# One stand-in GPU so that --gpus=1 / --gres=gpu:1 jobs can be scheduled (see gres.conf).
+GresTypes=gpu
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
+PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
+CONF
+cat > /etc/slurm/gres.conf <<'CONF'
+# SLURM 22.05 drops a GPU without a device file ("Removing file-less GPU") and the node goes
+# INVAL; /dev/null is a harmless stand-in because TaskPlugin=task/none confines no devices.
+NodeName=localhost Name=gpu File=/dev/null
+CONF
+
+# 4. Daemons in the foreground (-D), put in the background by this shell, so $! is the real PID.
+#    setsid: they must outlive the shell (and CI step) that started them.
+#    slurmd -N localhost: the node name does not depend on the machine's hostname.
+setsid /usr/sbin/slurmctld -D >"$BASE/log/slurmctld.out" 2>&1 </dev/null & echo $! >"$BASE/slurmctld.pid"
+setsid /usr/sbin/slurmd -D -N localhost >"$BASE/log/slurmd.out" 2>&1 </dev/null & echo $! >"$BASE/slurmd.pid"
+
+# 5. Wait until the node is idle (normally 1-3 s).
+for _ in $(seq 60); do
+  [ "$(node_state)" = idle ] && break
+  sleep 0.5
+done
+if [ "$(node_state)" != idle ]; then
+  echo "SLURM did not come up (node state '$(node_state)'); logs under $BASE/log:" >&2
+  sinfo -N -l >&2 || true
+  scontrol show node localhost >&2 || true
+  tail -n 30 "$BASE"/log/*.log "$BASE"/log/*.out >&2 || true
+  exit 1
+fi
+echo "SLURM is running (state in $BASE; stop it with tests/slurm/stop-slurm.sh):"
+sinfo
