@@ -40,7 +40,7 @@ rule convert_labels:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=mem_mb(block_slices_of, 12),
+        mem_mb=mem_mb(one_slice, 64, base_mb=2000),
         runtime=runtime_minutes(60),
     shell:
         "emmito convert --images {params.images} {params.labels} --voxel-size {params.voxel_size}"

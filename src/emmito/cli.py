@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="folder or glob of label PNG slices")
     p.add_argument("--label-format", choices=["binary", "instance", "vast"], default="binary")
     p.add_argument("--voxel-size", type=float, nargs=3, default=[40.0, 8.0, 8.0], metavar=("Z", "Y", "X"))
-    p.add_argument("--image-out", type=Path, required=True)
-    p.add_argument("--label-out", type=Path)
+    p.add_argument("--image-out", type=Path, help="image.h5 to write (at least one of --image-out / --label-out)")
+    p.add_argument("--label-out", type=Path, help="label.h5 to write (needs --labels; --images is still read to check counts and sizes)")
 
     p = verbs.add_parser("train", help="train the 3D U-Net; writes a checkpoint and a metrics log")
     p.add_argument("--train", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"))
@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("label", type=Path)
     p.add_argument("out", type=Path, help="metrics.json")
     _add_params(p)
+
+    p = verbs.add_parser("summary", help="one screen on a finished run: objects, metrics, where the outputs are")
+    p.add_argument("config", type=Path, help="the workflow config the run used")
+    p.add_argument("--results", type=Path, default=Path("results"))
     return parser
 
 

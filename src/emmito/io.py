@@ -15,8 +15,12 @@ place with ``os.replace``, so a killed job never leaves a file that looks finish
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 import h5py
 import hdf5plugin
 import numpy as np
+from PIL import Image
 
 from emmito import __version__
 
@@ -207,3 +212,244 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise EmmitoError(f"{path}: not valid JSON ({exc}): delete it and rerun the stage that makes it") from None
+
+
+# ---- PNG slices in ------------------------------------------------------------------
+# Users hand emmito a folder (or glob) of PNG slices. Listing them must stay cheap
+# (no decoding): the workflow lists every volume at parse time, on every cluster job.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_KINDS = ("image", "label_binary", "label_instance", "label_vast")
+_COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def slice_number(path: str | os.PathLike) -> str | None:
+    """The last run of digits in a file's stem as written (``images.081.png`` -> ``"081"``), or None."""
+    match = _LAST_NUMBER.search(Path(path).stem)
+    return match.group(1) if match else None
+
+
+def list_slices(pattern: str | os.PathLike) -> list[Path]:
+    """The PNG slices named by ``pattern``, ordered by the number in their names.
+
+    ``pattern`` is a folder (every ``*.png`` in it, hidden files skipped) or a glob
+    such as ``data/em/images.*.png``. The number is the last run of digits in the
+    file's stem (``slice_0007.png``, ``images.081.png``, ``mitos_3D.010.png``), so
+    ``s2.png`` comes before ``s10.png``. The numbers must run without gaps or
+    repeats, because slice order is z order. Only names are read, never pixels.
+
+    Raises EmmitoError when nothing matches, a name has no number, two names
+    share a number, or a number is missing in the run.
+    """
+    text = str(pattern)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        with os.scandir(folder) as entries:
+            paths = [
+                folder / e.name for e in entries if e.name.lower().endswith(".png") and not e.name.startswith(".")
+            ]
+        where = f"folder {text}"
+        if not paths:
+            raise EmmitoError(f"{where}: no .png files in it: point to the folder that holds the PNG slices")
+    else:
+        paths = [
+            Path(p)
+            for p in glob.glob(os.path.expanduser(text))
+            if p.lower().endswith(".png") and not Path(p).name.startswith(".")
+        ]
+        where = f"pattern {text}"
+        if not paths:
+            raise EmmitoError(
+                f"{where}: no .png files match: give a folder of PNG slices or a glob such as 'em/images.*.png' (check the path)"
+            )
+    numbered: dict[int, Path] = {}
+    for path in paths:
+        digits = slice_number(path)
+        if digits is None:
+            raise EmmitoError(
+                f"{where}: {path.name} has no number in its name: slices are ordered by the number in their names, "
+                "rename it (e.g. slice_0000.png) or move it out"
+            )
+        number = int(digits)
+        if number in numbered:
+            first, second = sorted([numbered[number].name, path.name])
+            raise EmmitoError(
+                f"{where}: {first} and {second} both have slice number {number}: keep one of them"
+            )
+        numbered[number] = path
+    numbers = sorted(numbered)
+    missing = numbers[-1] - numbers[0] + 1 - len(numbers)
+    if missing:
+        before, after = next((a, b) for a, b in zip(numbers, numbers[1:]) if b != a + 1)
+        more = f" (and {missing - 1} more missing)" if missing > 1 else ""
+        raise EmmitoError(
+            f"{where}: slice number {before + 1} is missing between {numbered[before].name} and {numbered[after].name}{more}: "
+            "add the missing slice(s) (a copy of a neighbour keeps the z spacing) or renumber the files"
+        )
+    return [numbered[n] for n in numbers]
+
+
+def png_header(path: str | os.PathLike) -> tuple[int, int, int, str]:
+    """(height, width, bit depth, colour type) from a PNG's IHDR, reading 33 bytes, no pixels.
+
+    Colour type is one of grey, RGB, palette, grey+alpha, RGBA. Raises
+    EmmitoError when the file is missing or not a PNG.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+    except FileNotFoundError:
+        raise EmmitoError(f"{path}: file not found: check the path (was it moved while emmito ran?)") from None
+    except OSError as exc:
+        raise EmmitoError(f"{path}: cannot be read ({exc.strerror}): check its permissions") from None
+    if len(head) < 33 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        raise EmmitoError(f"{path}: not a readable PNG (no PNG header; another format or a truncated file): re-export it as PNG")
+    width, height = struct.unpack(">II", head[16:24])
+    bit_depth, colour_code = head[24], head[25]
+    if colour_code not in _COLOUR_TYPES:
+        raise EmmitoError(f"{path}: not a readable PNG (unknown colour type {colour_code}): re-export it")
+    return height, width, bit_depth, _COLOUR_TYPES[colour_code]
+
+
+def _decode_png(path: Path) -> tuple[np.ndarray, str, list[int] | None, int, str]:
+    """(pixels, PIL mode, palette, bit depth, colour type), without any mode conversion.
+
+    Palette PNGs give their indices, not colours.
+    """
+    _, _, bit_depth, colour = png_header(path)
+    # EM slices can pass PIL's decompression-bomb limit (~89 Mpixel, e.g. 16k x 16k);
+    # these are the user's own files, so lift the limit while we read.
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path, formats=["PNG"]) as im:
+            im.load()
+            pixels = np.asarray(im)
+            palette = im.getpalette() if im.mode in ("P", "PA") else None
+            mode = im.mode
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise EmmitoError(f"{path}: not a readable PNG ({str(exc) or type(exc).__name__}): re-export it") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+    if mode == "PA":  # palette + alpha: the index plane is what counts
+        pixels, mode = pixels[..., 0], "P"
+    return pixels, mode, palette, bit_depth, colour
+
+
+def _palette_table(path: Path, palette: list[int] | None) -> np.ndarray:
+    """The palette as a (256, 3) uint8 lookup table (missing entries black)."""
+    if not palette:
+        raise EmmitoError(f"{path}: palette PNG without a palette: re-export it")
+    table = np.zeros((256, 3), dtype=np.uint8)
+    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+    table[: len(colours)] = colours
+    return table
+
+
+def _present_values(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a uint8/uint16 array (bincount: much faster than np.unique)."""
+    return np.flatnonzero(np.bincount(values.ravel()))
+
+
+def _check_binary_values(path: Path, values: np.ndarray, allowed: tuple[int, ...], what: str) -> None:
+    stray = np.setdiff1d(values, np.asarray(allowed))
+    if stray.size:
+        shown = ", ".join(str(int(v)) for v in stray[:8]) + (", ..." if stray.size > 8 else "")
+        raise EmmitoError(
+            f"{path}: binary mask ({what}) holds values other than {'/'.join(map(str, allowed))}: {shown}: "
+            "export a clean 0/255 (or 0/1) mask, or use label_format instance if the values are instance ids"
+        )
+
+
+_SUPPORTED_MODES = ("1", "L", "I;16", "I;16B", "I", "P", "LA", "RGB", "RGBA")
+
+
+def read_png_slice(path: str | os.PathLike, kind: str) -> np.ndarray:
+    """Read one PNG slice as a 2D array (y, x). ``kind`` says what the pixels mean.
+
+    image -> uint8 grey:
+      - grey 8-bit as is; grey 1/2/4-bit stretched to 0..255;
+      - grey 16-bit -> ``value >> 8``: a fixed rule, not a per-slice contrast
+        stretch, so that all slices of a volume stay comparable;
+      - palette -> the palette is applied; the colours used must be grey (R == G == B);
+      - RGB / RGBA / grey+alpha whose R, G, B are equal -> that channel (alpha is
+        ignored); 16-bit colour PNGs give their high byte, as for grey;
+      - RGB with differing channels is refused (a colour image, not EM).
+    label_binary -> uint8 0/1, 1 = mitochondrion: any non-zero pixel is 1.
+      Palette PNGs are read by palette index, not colour. Values must be 0, 1 or
+      the format's maximum (255; 65535 for 16-bit); anything else is refused
+      with the values found (an anti-aliased export, or instance ids: use
+      label_format instance).
+    label_instance -> uint32 ids: grey 1-16-bit values (or palette indices) are
+      the ids, 0 = background. Colour PNGs are refused (use label_format vast).
+    label_vast -> uint32 ids from an 8-bit RGB(A) VAST export,
+      id = R*65536 + G*256 + B (alpha ignored; a palette's colours are decoded the
+      same way). Grey PNGs are refused (use label_format instance).
+
+    Raises EmmitoError, naming the file and the fix, for unreadable, truncated
+    or non-PNG files and for pixels that do not fit ``kind``.
+    """
+    path = Path(path)
+    if kind not in PNG_KINDS:
+        raise ValueError(f"kind must be one of {PNG_KINDS}, not {kind!r}")
+    pixels, mode, palette, bit_depth, colour = _decode_png(path)
+    if mode not in _SUPPORTED_MODES:
+        raise EmmitoError(f"{path}: PNG pixel mode {mode} is not supported: export 8/16-bit grey or 8-bit RGB")
+    # PIL gives grey+alpha as LA (8-bit) or RGBA (16-bit, grey replicated); both drop alpha here.
+    if mode == "LA":
+        pixels, mode = pixels[..., 0], "L"
+    rgb = pixels[..., :3] if mode in ("RGB", "RGBA") else None
+
+    if kind == "image":
+        if mode == "P":
+            table = _palette_table(path, palette)
+            used = _present_values(pixels)
+            if np.any(table[used, 0] != table[used, 1]) or np.any(table[used, 1] != table[used, 2]):
+                raise EmmitoError(f"{path}: palette PNG with colour (not grey) entries: export it as greyscale")
+            return table[:, 0][pixels]
+        if rgb is not None:
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+                raise EmmitoError(f"{path}: is colour (channels differ): export it as greyscale")
+            return np.ascontiguousarray(rgb[..., 0])
+        if mode == "1":
+            return pixels.astype(np.uint8) * np.uint8(255)
+        if bit_depth == 16:
+            return (pixels.astype(np.uint16) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+    if kind == "label_binary":
+        if mode == "1":
+            return pixels.astype(np.uint8)
+        if rgb is not None:
+            _check_binary_values(path, _present_values(rgb), (0, 1, 255), f"{colour} channels")
+            return np.any(rgb != 0, axis=-1).astype(np.uint8)
+        top = 65535 if bit_depth == 16 else 255
+        what = "palette indices" if mode == "P" else f"{bit_depth}-bit grey"
+        if mode == "P" or bit_depth >= 8:
+            _check_binary_values(path, _present_values(pixels.astype(np.uint16)), (0, 1, top), what)
+        return (pixels != 0).astype(np.uint8)
+
+    if kind == "label_instance":
+        if rgb is not None:
+            raise EmmitoError(
+                f"{path}: label_format instance needs grey PNGs whose values are ids, this one is {colour}: "
+                "use label_format vast for VAST RGB exports, or export grey ids"
+            )
+        if mode == "L" and bit_depth < 8:  # PIL stretched 2/4-bit grey to 0..255: undo it to get the ids
+            return pixels.astype(np.uint32) // (255 // (2**bit_depth - 1))
+        return pixels.astype(np.uint32)
+
+    # label_vast
+    if mode == "P":
+        rgb = _palette_table(path, palette)[pixels]
+    elif rgb is None or colour not in ("RGB", "RGBA"):
+        raise EmmitoError(
+            f"{path}: label_format vast needs RGB PNGs (id = R*65536 + G*256 + B), this one is {colour}: "
+            "use label_format instance for grey id images, or binary for masks"
+        )
+    elif bit_depth != 8:
+        raise EmmitoError(f"{path}: VAST labels are 8-bit RGB, this one is {bit_depth}-bit: re-export it from VAST")
+    rgb = rgb.astype(np.uint32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
