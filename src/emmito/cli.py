@@ -18,7 +18,7 @@ from typing import Any
 from emmito import __version__
 from emmito.io import EmmitoError
 
-SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate")
+SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export")
 
 
 def stage_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def stage_config(args: argparse.Namespace) -> dict[str, Any]:
                 partial[key] = {**partial[key], **value}
             else:
                 partial[key] = value
-    full = {"volumes": {"_": {"images": "_"}}, **partial}
+    full = {"volumes": {"x": {"images": "x"}}, **partial}
     cfg._check_schema(full, source="--params" if getattr(args, "params", None) else "config")
     full.pop("volumes")
     return full
@@ -114,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("label", type=Path)
     p.add_argument("out", type=Path, help="metrics.json")
     _add_params(p)
+
+    p = verbs.add_parser("export", help="seg.h5 + image.h5 -> neuroglancer precomputed volumes (multiscale)")
+    p.add_argument("seg", type=Path, help="seg.h5 (full resolution, with its pyramid)")
+    p.add_argument("image", type=Path, help="image.h5")
+    p.add_argument("out_dir", type=Path, help="writes OUT_DIR/image, OUT_DIR/segmentation, OUT_DIR/objects.json")
+    _add_params(p)
+
+    p = verbs.add_parser("view", help="serve an export in neuroglancer (python package, bundled client); Ctrl-C stops")
+    p.add_argument("ng_dir", type=Path, help="the folder emmito export wrote (results/<vol>/ng)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to serve on (0.0.0.0 to reach it from other machines)")
+    p.add_argument("--port", type=int, default=0, help="viewer port (0: any free one); the data is served on PORT+1")
+    p.add_argument("--select", type=int, default=5, help="show only the N largest objects (0: all)")
+    p.add_argument("--screenshot", type=Path, help="render in headless Chromium, save this PNG and exit")
+
+    p = verbs.add_parser("report", help="PNG plots and a metrics table for the Snakemake report")
+    p.add_argument("--training", nargs=2, metavar=("METRICS_JSONL", "PNG"), help="loss and validation curves")
+    p.add_argument("--scores", nargs=3, metavar=("METRICS_JSON", "PNG", "HTML"), help="precision/recall, F1 vs IoU; table")
+    p.add_argument("--volume", nargs=5, metavar=("SEG", "IMAGE", "TRACE_JSON", "OVERLAYS_PNG", "SIZES_PNG"),
+                   help="overlays of image and segmentation; object size histogram")
+    p.add_argument("--overlays", type=int, default=4, help="slices shown in the overlays")
 
     p = verbs.add_parser("summary", help="one screen on a finished run: objects, metrics, where the outputs are")
     p.add_argument("config", type=Path, help="the workflow config the run used")

@@ -10,9 +10,9 @@ from typing import Any
 from emmito import config as cfg
 
 METRIC_ROWS = (
-    ("instance F1@IoU", "f1", "iou_threshold"),
-    ("instance precision", "precision", None),
-    ("instance recall", "recall", None),
+    ("instance F1@IoU", "instance_f1", "iou_threshold"),
+    ("instance precision", "instance_precision", None),
+    ("instance recall", "instance_recall", None),
     ("2D instance F1 (per slice)", "f1_2d", None),
     ("voxel IoU (foreground)", "voxel_iou", None),
     ("voxel precision", "voxel_precision", None),
@@ -48,7 +48,7 @@ def summarize(config: dict[str, Any], results: Path = Path("results")) -> str:
                 if key in metrics:
                     suffix = f"{metrics[extra]:g}" if extra and extra in metrics else ""
                     lines.append(f"  {name + suffix:<28} {metrics[key]:.3f}")
-            for key in ("gt_objects", "pred_objects", "matched"):
+            for key in ("gt_objects", "predicted_objects", "matched_objects"):
                 if key in metrics:
                     lines.append(f"  {key:<28} {metrics[key]}")
     return "\n".join(lines)

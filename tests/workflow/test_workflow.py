@@ -38,7 +38,7 @@ def test_final_outputs(project):
     id_map = json.loads((project / "results/deploy/trace.json").read_text())
     assert len(id_map["objects"]) == len(ids) - 1
     metrics = json.loads((project / "results/deploy/metrics.json").read_text())
-    for key in ("f1", "precision", "recall", "voxel_iou"):
+    for key in ("instance_f1", "instance_precision", "instance_recall", "voxel_iou"):
         assert 0.0 <= metrics[key] <= 1.0
 
 

@@ -1,0 +1,352 @@
+"""Block-local ids -> one volume of global ids, matching objects in the block overlaps.
+
+Block b holds slices [b*B, (b+1)*B + overlap); the overlap slices also belong to
+block b+1, which owns them. Objects of block b and block b+1 that overlap
+enough inside that shared slab are the same object. A union-find over all
+(block, local id) nodes joins the matches of every block pair, so an object
+that runs through many blocks resolves to one id.
+
+Two passes, one block in memory at a time:
+1. read each block once: match its head with the previous block's tail (the
+   only slices kept from one block to the next) and take the statistics of the
+   slices it owns (ids, voxel counts, bounding boxes);
+2. read each block's owned slices again, remap them to global ids, write them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cc3d
+import fastremap
+import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
+from tqdm import tqdm
+
+from emmito import blocks
+from emmito.io import EmmitoError, create_volume, open_volume, read_volume, volume_attrs, write_json
+from emmito.segment import apply_lut
+
+# Reads slices [start, stop) (block-local indices) of block b: (b, start, stop) -> uint32 (z, y, x).
+BlockReader = Callable[[int, int, int], np.ndarray]
+
+
+def match_overlap(
+    slab_a: np.ndarray, slab_b: np.ndarray, criterion: str = "iou", threshold: float = 0.5
+) -> list[tuple[int, int]]:
+    """Pairs (id in slab_a, id in slab_b) of objects that are the same object.
+
+    ``slab_a`` and ``slab_b``: uint32 (z, y, x) labels of the same slices as
+    seen by two blocks (0 = background). The score of a pair, computed in 3D
+    over the slab, is IoU (``criterion="iou"``) or intersection over the
+    smaller of the two (``"ioa"``); pairs scoring >= ``threshold`` are
+    returned, sorted. Every pair, not only the best per object, so that a
+    merge seen by one block joins the objects in the other.
+    """
+    if slab_a.shape != slab_b.shape:
+        raise ValueError(f"overlap slabs differ in shape: {slab_a.shape} vs {slab_b.shape}")
+    if criterion not in ("iou", "ioa"):
+        raise ValueError(f"criterion must be 'iou' or 'ioa', not {criterion!r}")
+    a = slab_a.reshape(-1)
+    b = slab_b.reshape(-1)
+    both = (a != 0) & (b != 0)
+    if not both.any():
+        return []
+    # One 64-bit key per (a, b) pair: counting keys counts intersections in C.
+    keys = (a[both].astype(np.uint64) << np.uint64(32)) | b[both].astype(np.uint64)
+    pair_keys, intersections = fastremap.unique(keys, return_counts=True)
+    ids_a, sizes_a = fastremap.unique(a[a != 0], return_counts=True)
+    ids_b, sizes_b = fastremap.unique(b[b != 0], return_counts=True)
+    pair_a = (pair_keys >> np.uint64(32)).astype(np.int64)
+    pair_b = (pair_keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    size_a = sizes_a[np.searchsorted(ids_a, pair_a)].astype(np.float64)
+    size_b = sizes_b[np.searchsorted(ids_b, pair_b)].astype(np.float64)
+    intersections = intersections.astype(np.float64)
+    if criterion == "iou":
+        score = intersections / (size_a + size_b - intersections)
+    else:
+        score = intersections / np.minimum(size_a, size_b)
+    chosen = score >= threshold
+    return list(zip(pair_a[chosen].tolist(), pair_b[chosen].tolist()))
+
+
+def resolve_ids(
+    block_ids: list[np.ndarray], owned_ids: list[np.ndarray], matches: list[list[tuple[int, int]]]
+) -> list[dict[int, int]]:
+    """Global ids for the (block, local id) nodes, joining matched nodes.
+
+    ``block_ids[b]``: sorted local ids (no 0) seen anywhere in block b;
+    ``owned_ids[b]``: those present in the slices block b owns;
+    ``matches[b]``: pairs (id in block b, id in block b+1).
+    Returns, per block, {local id: global id}. Global ids are consecutive from
+    1 in order of first appearance by (block, local id) among owned nodes; an
+    object seen only in overlap slices that matched nothing gets no id (its
+    voxels belong to the next block, which labels them itself).
+    """
+    node_start = np.concatenate([[0], np.cumsum([len(ids) for ids in block_ids])]).astype(np.int64)
+    n_nodes = int(node_start[-1])
+    sources: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for b, pairs in enumerate(matches):
+        if not pairs:
+            continue
+        pair_array = np.asarray(pairs, dtype=np.int64)
+        sources.append(node_start[b] + np.searchsorted(block_ids[b], pair_array[:, 0]))
+        targets.append(node_start[b + 1] + np.searchsorted(block_ids[b + 1], pair_array[:, 1]))
+    source = np.concatenate(sources) if sources else np.zeros(0, np.int64)
+    target = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+    # Connected components of the match graph are the union-find's sets, in C.
+    graph = sparse.coo_matrix((np.ones(len(source), np.int8), (source, target)), shape=(n_nodes, n_nodes))
+    n_sets, set_of_node = csgraph.connected_components(graph, directed=False)
+
+    owned_nodes = np.concatenate(
+        [node_start[b] + np.searchsorted(block_ids[b], owned) for b, owned in enumerate(owned_ids)]
+    ).astype(np.int64) if owned_ids else np.zeros(0, np.int64)
+    first_owned = np.full(n_sets, n_nodes, dtype=np.int64)
+    np.minimum.at(first_owned, set_of_node[owned_nodes], owned_nodes)
+    has_id = first_owned < n_nodes
+    order = np.argsort(first_owned[has_id], kind="stable")
+    global_of_set = np.zeros(n_sets, dtype=np.int64)
+    global_of_set[np.flatnonzero(has_id)[order]] = np.arange(1, int(has_id.sum()) + 1)
+
+    id_maps: list[dict[int, int]] = []
+    for b, ids in enumerate(block_ids):
+        globals_ = global_of_set[set_of_node[node_start[b] : node_start[b + 1]]]
+        keep = globals_ > 0
+        id_maps.append(dict(zip(ids[keep].tolist(), globals_[keep].tolist())))
+    return id_maps
+
+
+@dataclass
+class OwnedStatistics:
+    """Per local id of one block, over the slices it owns: voxel count and bounding box."""
+
+    ids: np.ndarray  # sorted local ids, no 0
+    voxels: np.ndarray  # int64
+    boxes: np.ndarray  # int64 (n, 6): z0, y0, x0, z1, y1, x1, volume frame, end exclusive
+
+
+def owned_statistics(owned: np.ndarray, z_offset: int) -> OwnedStatistics:
+    """Statistics of the labels in ``owned`` (uint (z, y, x)), whose first slice is volume slice ``z_offset``."""
+    # Renumbering first keeps cc3d.statistics' tables as small as the object count.
+    renumbered, mapping = fastremap.renumber(owned, preserve_zero=True, in_place=False)
+    ids = np.array(sorted(k for k in mapping if k != 0), dtype=np.int64)
+    if len(ids) == 0:
+        return OwnedStatistics(ids, np.zeros(0, np.int64), np.zeros((0, 6), np.int64))
+    new_ids = np.array([mapping[i] for i in ids.tolist()], dtype=np.int64)
+    stats = cc3d.statistics(renumbered)
+    voxels = np.asarray(stats["voxel_counts"], dtype=np.int64)[new_ids]
+    boxes = np.array(
+        [[s.start for s in stats["bounding_boxes"][n]] + [s.stop for s in stats["bounding_boxes"][n]] for n in new_ids],
+        dtype=np.int64,
+    )
+    boxes[:, [0, 3]] += z_offset
+    return OwnedStatistics(ids, voxels, boxes)
+
+
+@dataclass
+class TraceLayout:
+    """Where each block sits in the volume."""
+
+    depth: int
+    block_slices: int
+    block_overlap: int
+    n_blocks: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_blocks = blocks.count(self.depth, self.block_slices)
+
+    def own_range(self, b: int) -> tuple[int, int]:
+        return blocks.block_own_range(b, self.block_slices, self.depth)
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        return blocks.block_range(b, self.block_slices, self.block_overlap, self.depth)
+
+    def shared_slab(self, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Block-local slice ranges of the slab that blocks b and b+1 both see: (in b, in b+1).
+
+        Without overlap, the last slice of b is compared with the first of b+1
+        (adjacent slices, as the original pipeline did).
+        """
+        own_start, own_stop = self.own_range(b)
+        start, stop = self.block_range(b)
+        if stop > own_stop:
+            return (own_stop - start, stop - start), (0, stop - own_stop)
+        return (own_stop - start - 1, own_stop - start), (0, 1)
+
+
+def trace(
+    read_block: BlockReader,
+    layout: TraceLayout,
+    criterion: str,
+    threshold: float,
+    write_slab: Callable[[int, np.ndarray], None],
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Trace all blocks: calls ``write_slab(z_start, global_ids)`` for each block's owned slices.
+
+    Returns the trace record: {"blocks", "objects", "id_map"} (see trace.json).
+    """
+    block_ids: list[np.ndarray] = []
+    owned_stats: list[OwnedStatistics] = []
+    matches: list[list[tuple[int, int]]] = []
+    previous_tail: np.ndarray | None = None
+    for b in tqdm(range(layout.n_blocks), desc="trace: match", unit="block", file=sys.stderr, disable=not progress):
+        start, stop = layout.block_range(b)
+        own_start, own_stop = layout.own_range(b)
+        labels = read_block(b, 0, stop - start)
+        if previous_tail is not None:
+            head_range = layout.shared_slab(b - 1)[1]
+            matches.append(match_overlap(previous_tail, labels[head_range[0] : head_range[1]], criterion, threshold))
+        if b + 1 < layout.n_blocks:
+            tail_range = layout.shared_slab(b)[0]
+            previous_tail = labels[tail_range[0] : tail_range[1]].copy()
+        block_ids.append(np.asarray(fastremap.unique(labels), dtype=np.int64))
+        if len(block_ids[-1]) and block_ids[-1][0] == 0:
+            block_ids[-1] = block_ids[-1][1:]
+        owned_stats.append(owned_statistics(labels[: own_stop - own_start], own_start))
+        del labels
+
+    id_maps = resolve_ids(block_ids, [s.ids for s in owned_stats], matches)
+    n_objects = max((max(m.values()) for m in id_maps if m), default=0)
+    voxels = np.zeros(n_objects + 1, dtype=np.int64)
+    box_low = np.full((n_objects + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
+    box_high = np.zeros((n_objects + 1, 3), dtype=np.int64)
+    spans: list[set[int]] = [set() for _ in range(n_objects + 1)]
+    for b, stats in enumerate(owned_stats):
+        if len(stats.ids) == 0:
+            continue
+        globals_ = np.array([id_maps[b][i] for i in stats.ids.tolist()], dtype=np.int64)
+        np.add.at(voxels, globals_, stats.voxels)
+        np.minimum.at(box_low, globals_, stats.boxes[:, :3])
+        np.maximum.at(box_high, globals_, stats.boxes[:, 3:])
+        for g in globals_.tolist():
+            spans[g].add(b)
+
+    for b in tqdm(range(layout.n_blocks), desc="trace: write", unit="block", file=sys.stderr, disable=not progress):
+        own_start, own_stop = layout.own_range(b)
+        owned = np.ascontiguousarray(read_block(b, 0, own_stop - own_start), dtype=np.uint32)
+        ids = owned_stats[b].ids
+        lut = np.zeros(int(ids[-1]) + 1 if len(ids) else 1, dtype=np.uint32)
+        if len(ids):
+            lut[ids] = [id_maps[b][i] for i in ids.tolist()]
+        write_slab(own_start, apply_lut(owned, lut))
+        del owned
+
+    objects = {
+        str(g): {
+            "voxels": int(voxels[g]),
+            "bbox": [int(v) for v in box_low[g]] + [int(v) for v in box_high[g]],
+            "blocks": sorted(spans[g]),
+        }
+        for g in range(1, n_objects + 1)
+    }
+    id_map = {str(b): {str(k): int(v) for k, v in m.items()} for b, m in enumerate(id_maps)}
+    return {"blocks": layout.n_blocks, "objects": objects, "id_map": id_map}
+
+
+def trace_arrays(
+    block_labels: list[np.ndarray], block_slices: int, block_overlap: int, criterion: str = "iou", threshold: float = 0.5
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """In-memory ``trace`` for tests: uint32 block labels (z, y, x), each with its overlap -> (volume, record).
+
+    The volume is uint32 (depth, y, x) global ids; the record is trace.json's content.
+    """
+    depth = (len(block_labels) - 1) * block_slices + block_labels[-1].shape[0]
+    layout = TraceLayout(depth, block_slices, block_overlap)
+    for b, labels in enumerate(block_labels):
+        start, stop = layout.block_range(b)
+        if labels.shape[0] != stop - start:
+            raise ValueError(f"block {b} has {labels.shape[0]} slices, expected {stop - start}")
+    volume = np.zeros((depth, *block_labels[0].shape[1:]), dtype=np.uint32)
+
+    def write_slab(z_start: int, slab: np.ndarray) -> None:
+        volume[z_start : z_start + slab.shape[0]] = slab
+
+    record = trace(lambda b, start, stop: block_labels[b][start:stop], layout, criterion, threshold, write_slab)
+    return volume, record
+
+
+def check_blocks(paths: list[Path], block_slices: int, block_overlap: int) -> tuple[list[Path], dict[str, Any], tuple[int, int]]:
+    """Order the block files by offset and check they are all of one volume's blocks.
+
+    Returns the ordered paths, the first block's attributes and the (y, x) shape.
+    """
+    headers = []
+    for path in paths:
+        with open_volume(path) as ds:
+            attrs = volume_attrs(ds)
+            if ds.ndim != 3 or ds.dtype.kind != "u" or ds.dtype.itemsize > 4:
+                raise EmmitoError(f"{path}: {ds.dtype} {tuple(ds.shape)} is not a uint32 (z, y, x) label block: rerun emmito segment for it")
+            if "volume_depth" not in attrs:
+                raise EmmitoError(f"{path}: no 'volume_depth' attribute: rerun emmito segment for it")
+            headers.append((attrs["offset"], path, attrs, tuple(ds.shape)))
+    headers.sort(key=lambda h: h[0])
+    depth = int(headers[0][2]["volume_depth"])
+    n_blocks = blocks.count(depth, block_slices)
+    by_index: dict[int, tuple] = {}
+    for offset, path, attrs, shape in headers:
+        if int(attrs["volume_depth"]) != depth or shape[1:] != headers[0][3][1:]:
+            raise EmmitoError(
+                f"{path}: volume_depth {attrs['volume_depth']} and (y, x) {shape[1:]} differ from {headers[0][1]}'s "
+                f"({depth}, {headers[0][3][1:]}): the blocks come from different volumes; rerun emmito segment"
+            )
+        if offset % block_slices:
+            raise EmmitoError(
+                f"{path}: offset {offset} is not a multiple of merge.block_slices ({block_slices}): "
+                f"the blocks were made with another block size; rerun merge and segment, or fix merge.block_slices"
+            )
+        index = offset // block_slices
+        start, stop = blocks.block_range(index, block_slices, block_overlap, depth)
+        if shape[0] != stop - start:
+            raise EmmitoError(
+                f"{path}: holds {shape[0]} slices, but block {index} with merge.block_overlap {block_overlap} "
+                f"holds {stop - start}: rerun merge and segment with the current config"
+            )
+        if index in by_index:
+            raise EmmitoError(f"{path} and {by_index[index][0]} are both block {index}: pass each block once")
+        by_index[index] = (path, attrs)
+    missing = [b for b in range(n_blocks) if b not in by_index]
+    if missing:
+        raise EmmitoError(
+            f"block(s) {', '.join(map(str, missing))} of {n_blocks} missing (e.g. seg/block_{missing[0]}.h5): "
+            f"pass all blocks of the volume, running emmito segment for the missing ones first"
+        )
+    ordered = [by_index[b][0] for b in range(n_blocks)]
+    return ordered, by_index[0][1], headers[0][3][1:]
+
+
+def trace_files(
+    out: Path, id_map_path: Path, block_paths: list[Path], params: dict[str, Any], progress: bool = False
+) -> dict[str, Any]:
+    """Trace seg/block_*.h5 into ``out`` (seg_infer.h5, uint32 (depth, y, x)) and ``id_map_path`` (trace.json)."""
+    block_slices = params["merge"]["block_slices"]
+    block_overlap = params["merge"]["block_overlap"]
+    ordered, attrs, shape_yx = check_blocks([Path(p) for p in block_paths], block_slices, block_overlap)
+    depth = int(attrs["volume_depth"])
+    layout = TraceLayout(depth, block_slices, block_overlap)
+
+    def read_block(b: int, start: int, stop: int) -> np.ndarray:
+        return read_volume(ordered[b], start, stop)[0]
+
+    kept = {k: attrs[k] for k in ("volume_depth", "downsample_xy") if k in attrs}
+    with create_volume(out, (depth, *shape_yx), np.uint32, voxel_size=attrs["voxel_size"], offset=0, attrs=kept) as ds:
+
+        def write_slab(z_start: int, slab: np.ndarray) -> None:
+            ds[z_start : z_start + slab.shape[0]] = slab
+
+        record = trace(read_block, layout, params["trace"]["criterion"], params["trace"]["threshold"], write_slab, progress)
+    write_json(id_map_path, record)
+    return record
+
+
+def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """``emmito trace OUT ID_MAP BLOCK...``."""
+    record = trace_files(args.out, args.id_map, list(args.blocks), params, progress=True)
+    print(f"emmito trace: {len(record['objects'])} objects across {record['blocks']} blocks", file=sys.stderr)

@@ -1,0 +1,176 @@
+"""trace: block-local ids -> global ids, matched in the block overlaps."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cc3d
+import numpy as np
+import pytest
+
+from emmito import blocks, cli
+from emmito.io import read_json, read_volume, write_volume
+from emmito.segment import segment_block
+from emmito.trace import match_overlap, resolve_ids, trace_arrays
+
+
+def cut_into_blocks(volume: np.ndarray, block_slices: int, block_overlap: int, segment=None) -> list[np.ndarray]:
+    """Each block's slices (with overlap) of ``volume``, labelled on their own (cc3d by default)."""
+    depth = volume.shape[0]
+    out = []
+    for b in range(blocks.count(depth, block_slices)):
+        start, stop = blocks.block_range(b, block_slices, block_overlap, depth)
+        part = volume[start:stop]
+        out.append(segment(part) if segment else cc3d.connected_components(part > 0, connectivity=6, out_dtype=np.uint32))
+    return out
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    if not np.array_equal(a == 0, b == 0):
+        return False
+    pairs = np.unique(np.stack([a[a != 0], b[b != 0]]), axis=1)
+    return pairs.shape[1] == len(np.unique(a[a != 0])) == len(np.unique(b[b != 0]))
+
+
+def separated_blobs(shape=(40, 32, 32), n=10, seed=0) -> np.ndarray:
+    """Boolean volume of ellipsoids long in z, with at least one background voxel between any two."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=np.float32)
+    owner = np.zeros(shape, dtype=np.int32)
+    for i in range(1, n + 1):
+        centre = rng.uniform([0, 0, 0], shape)
+        radius = rng.uniform([3, 2, 2], [14, 6, 6])
+        inside = sum(((grid[k] - centre[k]) / radius[k]) ** 2 for k in range(3)) < 1
+        owner[inside & (owner == 0)] = i
+    # Erase each blob's voxels that touch another blob, so that blobs never touch.
+    touching = np.zeros(shape, dtype=bool)
+    for axis in range(3):
+        for shift in (1, -1):
+            neighbour = np.roll(owner, shift, axis=axis)
+            touching |= (neighbour != 0) & (owner != 0) & (neighbour != owner)
+    return (owner > 0) & ~touching
+
+
+def test_match_overlap_scores_iou_and_ioa():
+    a = np.zeros((2, 4, 10), np.uint32)
+    b = np.zeros_like(a)
+    a[:, :, 0:6] = 1  # 48 voxels
+    b[:, :, 0:3] = 5  # 24 voxels, all inside a's 1: IoU 0.5, IoA 1
+    b[:, :, 8:10] = 6  # touches nothing
+    assert match_overlap(a, b, "iou", 0.5) == [(1, 5)]
+    assert match_overlap(a, b, "iou", 0.51) == []
+    assert match_overlap(a, b, "ioa", 0.9) == [(1, 5)]
+    assert match_overlap(np.zeros_like(a), b) == []
+
+
+def test_object_across_a_block_face_keeps_one_id():
+    volume = np.zeros((12, 8, 8), bool)
+    volume[2:10, 2:5, 2:5] = True  # crosses the face at slice 6
+    volume[1:4, 6:8, 6:8] = True  # only in block 0
+    volume[8:12, 6:8, 0:2] = True  # only in block 1
+    traced, record = trace_arrays(cut_into_blocks(volume, 6, 2), 6, 2)
+    assert len(np.unique(traced[2:10, 2:5, 2:5])) == 1
+    assert traced.max() == 3
+    assert sorted(o["blocks"] for o in record["objects"].values()) == [[0], [0, 1], [1]]
+    assert record["blocks"] == 2
+
+
+def test_different_objects_keep_different_ids():
+    volume = np.zeros((12, 8, 8), bool)
+    volume[:, 0:3, 0:3] = True
+    volume[:, 5:8, 5:8] = True
+    traced, _ = trace_arrays(cut_into_blocks(volume, 4, 2), 4, 2)
+    assert traced[0, 1, 1] != traced[0, 6, 6]
+    assert len(np.unique(traced[:, 0:3, 0:3])) == 1 and len(np.unique(traced[:, 5:8, 5:8])) == 1
+    assert traced.max() == 2
+
+
+def test_chain_across_three_blocks_resolves_to_one_id():
+    volume = np.zeros((15, 6, 6), bool)
+    volume[:, 2:4, 2:4] = True  # one rod through blocks 0, 1 and 2
+    parts = cut_into_blocks(volume, 5, 1)
+    # Give each block's copy a different local id, as independent segmentations would.
+    parts = [np.where(p > 0, 7 + 3 * b, 0).astype(np.uint32) for b, p in enumerate(parts)]
+    traced, record = trace_arrays(parts, 5, 1)
+    assert np.array_equal(traced, volume.astype(np.uint32))
+    assert record["objects"]["1"]["blocks"] == [0, 1, 2]
+    assert record["id_map"] == {"0": {"7": 1}, "1": {"10": 1}, "2": {"13": 1}}
+
+
+def test_resolve_ids_orders_by_first_appearance_and_skips_unowned():
+    block_ids = [np.array([1, 2, 3]), np.array([1, 2])]
+    owned_ids = [np.array([2, 3]), np.array([1, 2])]  # block 0's id 1 lies only in the overlap
+    id_maps = resolve_ids(block_ids, owned_ids, [[(3, 2)]])
+    assert id_maps == [{2: 1, 3: 2}, {1: 3, 2: 2}]
+
+
+@pytest.mark.parametrize(("block_slices", "block_overlap"), [(7, 3), (10, 2), (16, 4)])
+def test_equals_whole_volume_labelling(block_slices, block_overlap):
+    volume = separated_blobs()
+    whole = cc3d.connected_components(volume, connectivity=6)
+    traced, record = trace_arrays(cut_into_blocks(volume, block_slices, block_overlap), block_slices, block_overlap)
+    assert same_partition(traced, whole)
+    assert np.array_equal(np.unique(traced), np.arange(traced.max() + 1))  # consecutive
+    assert sum(o["voxels"] for o in record["objects"].values()) == volume.sum()
+    for gid, obj in record["objects"].items():
+        z, y, x = np.nonzero(traced == int(gid))
+        assert obj["voxels"] == len(z)
+        assert obj["bbox"] == [z.min(), y.min(), x.min(), z.max() + 1, y.max() + 1, x.max() + 1]
+
+
+def test_without_overlap_adjacent_slices_are_matched():
+    volume = np.zeros((12, 8, 8), bool)
+    volume[:, 1:4, 1:4] = True  # a rod: the same cross-section either side of each face
+    volume[2:5, 5:8, 5:8] = True
+    traced, _ = trace_arrays(cut_into_blocks(volume, 4, 0), 4, 0)
+    assert same_partition(traced, cc3d.connected_components(volume, connectivity=6))
+
+
+def test_with_segment_block_as_segmenter():
+    volume = separated_blobs(seed=4)
+    heat = np.where(volume, 230, 0).astype(np.uint8)
+    params = {"blur_sigma": 0, "min_size": 1, "min_seed_size": 1}
+    whole = segment_block(heat, params)
+    parts = cut_into_blocks(heat, 9, 3, segment=lambda part: segment_block(part, params))
+    traced, _ = trace_arrays(parts, 9, 3)
+    assert same_partition(traced, whole)
+
+
+def write_blocks(folder, parts, block_slices, depth):
+    paths = []
+    for b, part in enumerate(parts):
+        path = folder / f"block_{b}.h5"
+        attrs = {"volume_depth": depth, "downsample_xy": 1}
+        write_volume(path, part, voxel_size=[40, 8, 8], offset=b * block_slices, attrs=attrs)
+        paths.append(path)
+    return paths
+
+
+def test_cli_matches_arrays_and_is_deterministic(tmp_path):
+    volume = separated_blobs(seed=2)
+    parts = cut_into_blocks(volume, 12, 3)
+    paths = write_blocks(tmp_path, parts, 12, volume.shape[0])
+    expected, expected_record = trace_arrays(parts, 12, 3)
+    params = '{"merge": {"block_slices": 12, "block_overlap": 3}, "infer": {"chunk_slices": 4}}'
+    digests = []
+    for run in range(2):
+        out, id_map = tmp_path / f"run{run}" / "seg_infer.h5", tmp_path / f"run{run}" / "trace.json"
+        # Blocks passed out of order: trace orders them by offset.
+        assert cli.main(["trace", str(out), str(id_map), *map(str, reversed(paths)), "--params", params]) == 0
+        traced, attrs = read_volume(out)
+        assert np.array_equal(traced, expected)
+        assert attrs["offset"] == 0 and attrs["volume_depth"] == volume.shape[0] and attrs["downsample_xy"] == 1
+        assert read_json(id_map) == expected_record
+        digests.append(hashlib.sha256(out.read_bytes() + id_map.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.bad_input
+def test_cli_names_a_missing_block(tmp_path, capsys):
+    volume = separated_blobs()
+    paths = write_blocks(tmp_path, cut_into_blocks(volume, 10, 2), 10, volume.shape[0])
+    params = '{"merge": {"block_slices": 10, "block_overlap": 2}, "infer": {"chunk_slices": 5}}'
+    argv = ["trace", str(tmp_path / "s.h5"), str(tmp_path / "t.json"), str(paths[0]), str(paths[1]), str(paths[3])]
+    assert cli.main([*argv, "--params", params]) == 2
+    assert "block_2.h5" in capsys.readouterr().err
+    assert not (tmp_path / "s.h5").exists()
