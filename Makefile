@@ -19,11 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "emmito needs Python >= 3.11: run make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[workflow]"
+	$(BIN)/pip install -q -e ".[workflow,view]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[workflow,dev]"
+	$(BIN)/pip install -q -e ".[workflow,view,dev]"
 	touch $@
 
 # The demo's embedded data: three independent synthetic volumes (train / validation / deploy).

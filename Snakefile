@@ -19,6 +19,8 @@ include: "rules/segment.smk"
 include: "rules/trace.smk"
 include: "rules/upsample.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -75,10 +75,15 @@ def n_blocks(vol):
 def all_outputs():
     """Final targets: the traced, full-resolution segmentation and, where labels exist, metrics."""
     targets = [f"{MODEL_DIR}/checkpoint.pt"]
+    if config["train"]["volumes"]:
+        targets.append(f"{MODEL_DIR}/report/training.png")
     for vol in config["infer"]["volumes"]:
         targets.append(f"results/{vol}/seg.h5")
+        targets.append(f"results/{vol}/ng")
+        targets += [f"results/{vol}/report/overlays.png", f"results/{vol}/report/sizes.png"]
         if has_labels(vol):
             targets.append(f"results/{vol}/metrics.json")
+            targets += [f"results/{vol}/report/scores.png", f"results/{vol}/report/metrics.html"]
     return targets
 
 

@@ -56,7 +56,7 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, data_from:
     """
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
-    for folder in ("rules", "envs", "profiles"):
+    for folder in ("rules", "envs", "profiles", "report"):
         if (REPO / folder).exists():
             shutil.copytree(REPO / folder, dest / folder, dirs_exist_ok=True)
     if (REPO / "tests" / "slurm").exists():

@@ -36,6 +36,8 @@ def stage_config(args: argparse.Namespace) -> dict[str, Any]:
             raise EmmitoError(f"--params is not valid JSON ({exc}): pass an object such as '{{\"segment\": {{\"min_size\": 500}}}}'") from None
         if not isinstance(extra, dict):
             raise EmmitoError("--params must be a JSON object of config sections, such as '{\"segment\": {}}'")
+        # The workflow adds the package version so that an upgrade reruns its stages.
+        extra.pop("emmito_version", None)
         for key, value in extra.items():
             if isinstance(value, dict) and isinstance(partial.get(key), dict):
                 partial[key] = {**partial[key], **value}

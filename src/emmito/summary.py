@@ -37,10 +37,14 @@ def summarize(config: dict[str, Any], results: Path = Path("results")) -> str:
             ("segmentation", base / "seg.h5"),
             ("id map", id_map),
             ("metrics", base / "metrics.json"),
+            ("neuroglancer export", base / "ng"),
+            ("report plots", base / "report"),
             ("logs", results / "logs"),
         ):
             state = "" if path.exists() else "  (missing: run snakemake)"
             lines.append(f"  {label:<20} {path}{state}")
+        if (base / "ng").exists():
+            lines.append(f"  {'look at it':<20} emmito view {base / 'ng'}")
         metrics_path = base / "metrics.json"
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
@@ -51,6 +55,8 @@ def summarize(config: dict[str, Any], results: Path = Path("results")) -> str:
             for key in ("gt_objects", "predicted_objects", "matched_objects"):
                 if key in metrics:
                     lines.append(f"  {key:<28} {metrics[key]}")
+    lines.append("")
+    lines.append("report     snakemake --report report.html  (training curves, scores, overlays, object sizes)")
     return "\n".join(lines)
 
 

@@ -87,4 +87,5 @@ def test_config_typo_is_one_line(tmp_path, project):
     bad = make_project(tmp_path / "bad", overrides={"segment": {"min_sise": 5}}, data_from=project)
     result = snakemake(bad, "-n", check=False)
     assert result.returncode != 0
-    assert "min_sise" in result.stderr and "check the spelling" in result.stderr
+    output = result.stdout + result.stderr
+    assert "unknown key 'min_sise' in 'segment': check the spelling" in output

@@ -1,0 +1,303 @@
+"""Plots and a table for the Snakemake report (``snakemake --report report.html``), with matplotlib.
+
+- training: loss and learning rate per iteration, validation IoU (metrics.jsonl);
+- scores: precision, recall and F1 (instance and voxel) and F1 against the IoU
+  threshold (metrics.json), plus metrics.json as an HTML table;
+- volume: EM slices with the segmentation overlaid in colour (only the slices
+  shown are read) and the per-object size histogram (trace.json).
+
+Every plot function takes plain Python/numpy data and a path to write; the
+file readers around them are thin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emmito.io import EmmitoError, atomic_path, open_volume, read_json
+
+# Overlays are shown at most this many pixels wide or high; coarser levels of
+# seg.h5's pyramid are read when they are large enough, so a 4k slice costs a 1k read.
+OVERLAY_PIXELS = 1024
+SEGMENT_OPACITY = 0.45
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise EmmitoError("the report plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, out: Path) -> None:
+    """Save a figure as PNG atomically; no timestamp or version in it, so same data, same bytes."""
+    plt = _pyplot()
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+
+
+def read_training_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a training metrics.jsonl (one JSON object per line)."""
+    path = Path(path)
+    if not path.exists():
+        raise EmmitoError(f"{path}: file not found: run the training first (snakemake {path})")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise EmmitoError(f"{path}: line {number} is not JSON ({exc}): delete the file and rerun training") from None
+    return records
+
+
+def plot_training(records: list[dict[str, Any]], out: Path) -> None:
+    """Loss (log scale) and learning rate against iteration; validation IoU where it was measured."""
+    plt = _pyplot()
+    figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    iterations = [r["iteration"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    loss_axis.plot(iterations, losses, color="tab:blue", linewidth=1, label="training loss")
+    if len(losses) >= 10:  # a running mean shows the trend through batch noise
+        window = max(2, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        loss_axis.plot(iterations[window - 1 :], smooth, color="black", linewidth=1.5, label=f"mean of {window}")
+    if losses and min(losses) > 0:
+        loss_axis.set_yscale("log")
+    loss_axis.set_xlabel("iteration")
+    loss_axis.set_ylabel("loss")
+    loss_axis.set_title("training loss")
+    rates = [(r["iteration"], r["lr"]) for r in records if "lr" in r]
+    if rates:
+        rate_axis = loss_axis.twinx()
+        rate_axis.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+        rate_axis.set_ylabel("learning rate", color="tab:gray")
+    loss_axis.legend(loc="lower left", fontsize=8)
+    validated = [(r["iteration"], r["val_iou"]) for r in records if r.get("val_iou") is not None]
+    if validated:
+        steps, ious = zip(*validated)
+        val_axis.plot(steps, ious, marker="o", color="tab:green")
+        best = int(np.argmax(ious))
+        val_axis.annotate(f"best {ious[best]:.3f} @ {steps[best]}", (steps[best], ious[best]),
+                          textcoords="offset points", xytext=(0, -14), fontsize=8,
+                          ha="right" if best >= len(steps) / 2 else "left")
+        val_axis.set_ylim(0, 1)
+    else:
+        val_axis.text(0.5, 0.5, "no validation volumes\n(train.validation is empty)", ha="center", va="center",
+                      transform=val_axis.transAxes)
+    val_axis.set_xlabel("iteration")
+    val_axis.set_ylabel("voxel IoU")
+    val_axis.set_title("validation")
+    figure.tight_layout()
+    _save(figure, out)
+
+
+SCORE_BARS = (
+    ("instance", "instance_precision", "instance_recall", "instance_f1"),
+    ("voxel", "voxel_precision", "voxel_recall", "voxel_dice"),
+)
+
+
+def plot_scores(metrics: dict[str, Any], out: Path) -> None:
+    """Precision, recall and F1 bars (instance and voxel, values written on them) and F1 against the IoU threshold."""
+    plt = _pyplot()
+    figure, (bar_axis, curve_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.25
+    for row, (group, *keys) in enumerate(SCORE_BARS):
+        for column, (key, name, colour) in enumerate(zip(keys, ("precision", "recall", "F1"), ("tab:blue", "tab:orange", "tab:green"))):
+            if key not in metrics:
+                continue
+            x = row + (column - 1) * width
+            bar_axis.bar(x, metrics[key], width, color=colour, label=name if row == 0 else None)
+            bar_axis.text(x, metrics[key] + 0.01, f"{metrics[key]:.2f}", ha="center", va="bottom", fontsize=8)
+    bar_axis.set_xticks(range(len(SCORE_BARS)))
+    threshold = metrics.get("iou_threshold")
+    bar_axis.set_xticklabels([f"instances (IoU ≥ {threshold:g})" if threshold else "instances", "voxels (F1 = Dice)"])
+    bar_axis.set_ylim(0, 1.25)
+    bar_axis.set_ylabel("score")
+    bar_axis.legend(loc="upper center", ncol=3, fontsize=8)
+    counts = f"{metrics.get('matched_objects', '?')} of {metrics.get('gt_objects', '?')} objects matched, {metrics.get('predicted_objects', '?')} predicted"
+    bar_axis.set_title(counts, fontsize=10)
+    thresholds, f1s = metrics.get("f1_iou_thresholds"), metrics.get("f1_at_iou")
+    if thresholds and f1s:
+        curve_axis.plot(thresholds, f1s, marker="o", color="tab:green")
+        curve_axis.set_xlim(min(thresholds) - 0.025, max(thresholds) + 0.025)
+    curve_axis.set_ylim(0, 1.05)
+    curve_axis.set_xlabel("IoU threshold for a match")
+    curve_axis.set_ylabel("instance F1")
+    curve_axis.set_title("F1 against IoU threshold")
+    curve_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def metrics_table(metrics: dict[str, Any], title: str = "metrics.json") -> str:
+    """metrics.json as a standalone HTML page with one table (lists shown inline, floats to 4 digits)."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, list):
+            return ", ".join(shown(v) for v in value)
+        return str(value)
+
+    rows = "\n".join(
+        f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(shown(value))}</td></tr>" for key, value in sorted(metrics.items())
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px}"
+        "td:last-child{font-family:monospace;text-align:right}</style></head><body>\n"
+        f"<h3>{html.escape(title)}</h3>\n<table>\n<tr><th>metric</th><th>value</th></tr>\n{rows}\n</table>\n</body></html>\n"
+    )
+
+
+def overlay_slices(objects: dict[str, dict[str, Any]], depth: int, count: int) -> list[int]:
+    """``count`` slice indices, evenly spread over the slices that hold objects (from trace.json bounding boxes).
+
+    Falls back to evenly spread slices of the whole volume when there are no objects.
+    """
+    covered = np.zeros(depth, dtype=bool)
+    for record in objects.values():
+        z0, z1 = record["bbox"][0], record["bbox"][3]
+        covered[max(0, z0) : min(depth, z1)] = True
+    candidates = np.flatnonzero(covered) if covered.any() else np.arange(depth)
+    if count >= len(candidates):
+        return candidates.tolist()
+    picks = np.linspace(0, len(candidates) - 1, count + 2)[1:-1] if count > 1 else [len(candidates) / 2]
+    return sorted({int(candidates[int(round(p))]) for p in picks})
+
+
+def label_colours(labels: np.ndarray) -> np.ndarray:
+    """A fixed, well-spread RGB colour (float, 0..1) per label id, from the id alone."""
+    hue = (labels.astype(np.float64) * 0.618033988749895) % 1.0
+    import matplotlib.colors
+
+    hsv = np.stack([hue, np.full_like(hue, 0.85), np.full_like(hue, 1.0)], axis=-1)
+    return matplotlib.colors.hsv_to_rgb(hsv)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 (y, x) image + uint (y, x) labels -> float RGB (y, x, 3): labels coloured over grey."""
+    grey = np.repeat((image.astype(np.float64) / 255.0)[..., None], 3, axis=-1)
+    inside = labels != 0
+    blended = grey.copy()
+    blended[inside] = (1 - SEGMENT_OPACITY) * grey[inside] + SEGMENT_OPACITY * label_colours(labels[inside])
+    return blended
+
+
+def plot_overlays(images: list[np.ndarray], labels: list[np.ndarray], slices: list[int], voxel_nm: float, out: Path) -> None:
+    """One panel per slice: the EM image and its segmentation in colour. ``voxel_nm`` is the shown pixel's size."""
+    plt = _pyplot()
+    columns = min(len(slices), 2) or 1
+    rows = max(1, math.ceil(len(slices) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 6 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, label, z in zip(axes.ravel(), images, labels, slices):
+        axis.imshow(overlay(image, label), interpolation="nearest")
+        objects = len(np.unique(label[label != 0]))
+        axis.set_title(f"slice {z}, objects: {objects} ({voxel_nm:g} nm pixels)", fontsize=10)
+    if not slices:
+        axes[0, 0].text(0.5, 0.5, "empty volume", ha="center", va="center")
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def plot_sizes(voxels: list[int], out: Path, unit: str = "voxels") -> None:
+    """Histogram of object sizes on log-spaced bins, with the median marked."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    sizes = np.asarray(voxels, dtype=np.float64)
+    if len(sizes):
+        low, high = max(1.0, sizes.min()), max(2.0, sizes.max())
+        bins = np.logspace(np.log10(low), np.log10(high * 1.001), min(40, max(5, len(sizes) // 3)) + 1)
+        axis.hist(sizes, bins=bins, color="tab:blue", edgecolor="white")
+        axis.set_xscale("log")
+        median = float(np.median(sizes))
+        axis.axvline(median, color="black", linestyle="--", linewidth=1)
+        axis.text(median, axis.get_ylim()[1] * 0.95, f" median {median:.0f}", va="top", fontsize=8)
+    else:
+        axis.text(0.5, 0.5, "no objects", ha="center", va="center", transform=axis.transAxes)
+    axis.set_xlabel(f"object size ({unit})")
+    axis.set_ylabel("objects")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_title(f"{len(sizes)} objects")
+    figure.tight_layout()
+    _save(figure, out)
+
+
+def _read_overlay_slices(seg_path: Path, image_path: Path, slices: list[int]) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The shown slices of image and segmentation, reduced to at most OVERLAY_PIXELS, and the reduction factor.
+
+    The segmentation comes from the coarsest pyramid level of seg.h5 that is
+    still at least OVERLAY_PIXELS (or the nearest stride of main); the image is
+    strided to match.
+    """
+    import h5py
+
+    from emmito.export import mean_downsample
+
+    with open_volume(seg_path) as main, open_volume(image_path) as image:
+        if tuple(main.shape) != tuple(image.shape):
+            raise EmmitoError(f"{seg_path} is {tuple(main.shape)} but {image_path} is {tuple(image.shape)}: they are of different volumes")
+        size = max(main.shape[1:])
+        level = 0
+        while size / 2 ** (level + 1) >= OVERLAY_PIXELS and f"s{level + 1}" in main.file:
+            level += 1
+        seg_source: h5py.Dataset = main if level == 0 else main.file[f"s{level}"]
+        factor = 2**level
+        extra = max(1, math.ceil(max(seg_source.shape[1:]) / OVERLAY_PIXELS))
+        images, labels = [], []
+        for z in slices:
+            picture = image[z : z + 1]
+            for _ in range(level):
+                picture = mean_downsample(picture)
+            images.append(picture[0, ::extra, ::extra])
+            labels.append(seg_source[z, ::extra, ::extra])
+    return images, labels, factor * extra
+
+
+def report_volume(seg_path: Path, image_path: Path, trace_path: Path, overlays_png: Path, sizes_png: Path, count: int) -> None:
+    """Overlays of ``count`` slices and the size histogram of one segmented volume."""
+    record = read_json(trace_path)
+    objects = record.get("objects", {})
+    with open_volume(seg_path) as seg:
+        depth = seg.shape[0]
+        voxel_size = [float(v) for v in seg.attrs.get("voxel_size", [1.0, 1.0, 1.0])]
+    slices = overlay_slices(objects, depth, count)
+    images, labels, factor = _read_overlay_slices(seg_path, image_path, slices)
+    plot_overlays(images, labels, slices, voxel_size[2] * factor, overlays_png)
+    plot_sizes([o["voxels"] for o in objects.values()], sizes_png, unit="voxels at inference resolution")
+
+
+def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """``emmito report [--training JSONL PNG] [--scores JSON PNG HTML] [--volume SEG IMAGE TRACE PNG PNG]``."""
+    if not (args.training or args.scores or args.volume):
+        raise EmmitoError("emmito report: nothing to do: give --training, --scores and/or --volume")
+    if args.training:
+        jsonl, png = map(Path, args.training)
+        plot_training(read_training_log(jsonl), png)
+    if args.scores:
+        metrics_path, png, table = map(Path, args.scores)
+        metrics = read_json(metrics_path)
+        plot_scores(metrics, png)
+        with atomic_path(table) as tmp:
+            tmp.write_text(metrics_table(metrics, title=str(metrics_path)))
+    if args.volume:
+        seg, image, trace, overlays_png, sizes_png = map(Path, args.volume)
+        report_volume(seg, image, trace, overlays_png, sizes_png, args.overlays)

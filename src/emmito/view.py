@@ -1,0 +1,245 @@
+"""``emmito view NG_DIR``: look at an export in neuroglancer, served from this machine.
+
+Two local servers, both from the ``neuroglancer`` Python package (its wheel
+bundles the client, so nothing is downloaded):
+
+- a static file server for the precomputed folders (``OUT_DIR/image``,
+  ``OUT_DIR/segmentation``), with CORS and HTTP range requests, which the
+  client needs for sharded volumes;
+- ``neuroglancer.Viewer``, whose page loads them as ``precomputed://http://...``.
+
+Serving the export rather than ``LocalVolume`` over the HDF5 files means the
+browser reads the same multiscale, sharded chunks a lab would put on a web or
+bucket server, the Python side only serves files (memory does not grow with
+the volume), and the view checks the export itself.
+
+The view opens with the image and the segmentation on top, the largest
+objects selected (their sizes come from ``objects.json``, which export
+writes), x/y/z in nm, and the position on the centre of the largest object so
+that the first slice shown contains objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from emmito.export import IMAGE_LAYER, OBJECTS_FILE, SEGMENTATION_LAYER
+from emmito.io import EmmitoError, atomic_path, read_json
+
+# Flags that make Chromium render WebGL in software on a machine without a GPU
+# or a display (see the neuroglancer note: SwiftShader through ANGLE).
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",  # required as root, harmless otherwise
+    "--disable-dev-shm-usage",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--ignore-gpu-blocklist",
+)
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _neuroglancer() -> Any:
+    try:
+        import neuroglancer
+    except ImportError:
+        raise EmmitoError("emmito view needs the neuroglancer package: pip install 'emmito[view]' (or pip install neuroglancer)") from None
+    return neuroglancer
+
+
+def load_export(ng_dir: Path) -> dict[str, Any]:
+    """The objects.json record of an export folder, after checking both layers are there."""
+    ng_dir = Path(ng_dir)
+    for layer in (IMAGE_LAYER, SEGMENTATION_LAYER):
+        if not (ng_dir / layer / "info").exists():
+            raise EmmitoError(
+                f"{ng_dir}: no {layer}/info in it: point to the folder emmito export wrote (results/<vol>/ng), "
+                "or run the export (snakemake results/<vol>/ng)"
+            )
+    return read_json(ng_dir / OBJECTS_FILE)
+
+
+def largest_objects(record: dict[str, Any], count: int) -> list[int]:
+    """The ids of the ``count`` largest objects by voxel count (ties: smaller id first)."""
+    objects = record["objects"]
+    ranked = sorted(objects, key=lambda i: (-objects[i]["voxels"], int(i)))
+    return [int(i) for i in ranked[:count]]
+
+
+def initial_position(record: dict[str, Any], selected: list[int]) -> list[float]:
+    """Viewer position (x, y, z in voxels): the centre of the first selected object, else of the volume.
+
+    The z is an integer slice plus 0.5 (a voxel's centre) so that the slice
+    shown is exactly that slice.
+    """
+    if selected:
+        z0, y0, x0, z1, y1, x1 = record["objects"][str(selected[0])]["bbox"]
+    else:
+        z0, y0, x0 = 0, 0, 0
+        z1, y1, x1 = record["shape"]
+    return [(x0 + x1) / 2, (y0 + y1) / 2, (z0 + z1 - 1) // 2 + 0.5]
+
+
+def initial_zoom(record: dict[str, Any], selected: list[int], view_pixels: int = 600) -> float:
+    """Voxels per screen pixel: the whole slice in ``view_pixels``, or closer when the largest object is small.
+
+    Closer means about 4 times the first selected object's extent in view, so
+    that on a 4k slice the object is not a speck but its neighbourhood shows.
+    """
+    whole_slice = max(record["shape"][1:]) / view_pixels
+    if not selected:
+        return whole_slice
+    z0, y0, x0, z1, y1, x1 = record["objects"][str(selected[0])]["bbox"]
+    return min(whole_slice, 4 * max(y1 - y0, x1 - x0) / view_pixels)
+
+
+class DataServer:
+    """Serves a folder over HTTP (CORS, range requests) on ``bind``:``port`` in a background thread."""
+
+    def __init__(self, folder: Path, bind: str = "127.0.0.1", port: int = 0) -> None:
+        import neuroglancer.random_token
+        import neuroglancer.server
+        import tornado.httpserver
+        import tornado.netutil
+        import tornado.web
+        from neuroglancer.async_util import BackgroundTornadoServer
+        from neuroglancer.static_file_server import CorsStaticFileHandler
+
+        # Empty chunks and shards are never written, so the client's 404s for them are normal.
+        logging.getLogger("tornado.access").setLevel(logging.ERROR)
+        token = neuroglancer.random_token.make_random_token()
+        outer = self
+
+        class _Server(BackgroundTornadoServer):
+            def _attempt_to_start_server(self) -> None:
+                app = tornado.web.Application([(rf"/{token}/(.*)", CorsStaticFileHandler, {"path": str(folder)})])
+                self.http_server = tornado.httpserver.HTTPServer(app)
+                sockets = tornado.netutil.bind_sockets(port=port, address=bind)
+                self.http_server.add_sockets(sockets)
+                actual_port = sockets[0].getsockname()[1]
+                outer.url = f"{neuroglancer.server._get_regular_server_url(bind, actual_port)}/{token}"
+
+        self.url = ""
+        try:
+            self._server = _Server(daemon=True)
+        except OSError as exc:
+            raise EmmitoError(f"cannot serve the data on {bind}:{port} ({exc.strerror}): pick another --port") from None
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def start_viewer(
+    ng_dir: Path, bind: str = "127.0.0.1", port: int = 0, select: int = 5
+) -> tuple[Any, DataServer, dict[str, Any]]:
+    """Serve ``ng_dir`` and open a neuroglancer viewer on it.
+
+    Returns (viewer, data server, objects.json record); stop the data server
+    when done. ``port`` 0 picks free ports; otherwise the viewer gets ``port``
+    and the data ``port + 1`` (two ports to forward over SSH).
+    """
+    neuroglancer = _neuroglancer()
+    ng_dir = Path(ng_dir).resolve()
+    record = load_export(ng_dir)
+    data = DataServer(ng_dir, bind, port + 1 if port else 0)
+    neuroglancer.set_server_bind_address(bind, port)
+    viewer = neuroglancer.Viewer()
+    selected = largest_objects(record, select) if select > 0 else []
+    z_nm, y_nm, x_nm = record["voxel_size"]
+    with viewer.txn() as state:
+        # Dimensions are matched to the layers by name; x, y, z order makes 'xy' the slice plane.
+        state.dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[x_nm, y_nm, z_nm])
+        state.layers[IMAGE_LAYER] = neuroglancer.ImageLayer(source=f"precomputed://{data.url}/{IMAGE_LAYER}")
+        state.layers[SEGMENTATION_LAYER] = neuroglancer.SegmentationLayer(
+            source=f"precomputed://{data.url}/{SEGMENTATION_LAYER}", segments=selected
+        )
+        state.selected_layer.layer = SEGMENTATION_LAYER
+        state.position = initial_position(record, selected)
+        state.layout = "xy"
+        state.cross_section_scale = initial_zoom(record, selected)
+    return viewer, data, record
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    """(chromium binary, chromedriver) found on PATH, or None."""
+    browser = next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def open_headless(url: str, window_size: tuple[int, int] = (1200, 900)) -> Any:
+    """A headless Chromium (selenium WebDriver) showing ``url``; call ``.quit()`` when done."""
+    paths = chromium_paths()
+    if paths is None:
+        raise EmmitoError("no chromium and chromedriver on PATH: apt-get install chromium chromium-driver (Debian)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        raise EmmitoError("--screenshot needs selenium: pip install selenium") from None
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={window_size[0]},{window_size[1]}")
+    # An explicit driver path keeps selenium from looking for one on the network.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=paths[1]))
+    driver.get(url)
+    return driver
+
+
+def screenshot(viewer: Any, size: tuple[int, int] = (800, 600), timeout: float = 120.0) -> bytes:
+    """PNG bytes of the viewer's canvas once the client has rendered its data.
+
+    ``viewer.screenshot`` waits for a connected client without a timeout of
+    its own, so it runs in a thread and EmmitoError is raised after ``timeout`` s.
+    """
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def capture() -> None:
+        try:
+            result.append(viewer.screenshot(size=list(size)))
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=capture, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if errors:
+        raise errors[0]
+    if not result:
+        raise EmmitoError(f"the browser did not render the view within {timeout:g} s: check that it can reach {viewer.get_viewer_url()}")
+    return result[0].screenshot.image
+
+
+def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """``emmito view NG_DIR [--bind ADDR] [--port P] [--select N] [--screenshot PNG]``."""
+    viewer, data, record = start_viewer(args.ng_dir, args.bind, args.port, args.select)
+    try:
+        url = viewer.get_viewer_url()
+        if args.screenshot:
+            driver = open_headless(url)
+            try:
+                png = screenshot(viewer)
+            finally:
+                driver.quit()
+            with atomic_path(args.screenshot) as tmp:
+                tmp.write_bytes(png)
+            print(f"emmito view: screenshot of {url} -> {args.screenshot}", file=sys.stderr)
+            return
+        shown = largest_objects(record, args.select) if args.select > 0 else []
+        print(f"emmito view: {len(record['objects'])} objects; showing {'the largest: ' + ', '.join(map(str, shown)) if shown else 'all'}")
+        print(f"open {url}  (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        data.stop()

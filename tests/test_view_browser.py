@@ -1,0 +1,102 @@
+"""emmito view in a real browser: headless Chromium renders the export, and the screenshot shows the objects."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+from emmito import config
+from emmito.export import export_files
+from emmito.io import write_volume
+
+pytest.importorskip("tensorstore")
+pytest.importorskip("neuroglancer")
+pytest.importorskip("selenium")
+from PIL import Image  # noqa: E402
+
+from emmito import view  # noqa: E402
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(view.chromium_paths() is None, reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"),
+]
+
+VOXEL_SIZE = [40.0, 8.0, 8.0]
+COLOURS = {7: (255, 0, 0), 3: (0, 0, 255)}
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """Three boxes; 7 and 3 are the largest. Object 5 is on the shown slice too but not selected."""
+    folder = tmp_path_factory.mktemp("view")
+    image = np.full((12, 60, 80), 128, dtype=np.uint8)
+    seg = np.zeros(image.shape, np.uint32)
+    seg[2:11, 10:40, 10:40] = 7  # 8100 voxels, the largest: the view centres on it (slice 6)
+    seg[4:9, 30:50, 50:75] = 3  # 2500 voxels
+    seg[6, 52:58, 2:8] = 5  # 36 voxels
+    write_volume(folder / "image.h5", image, voxel_size=VOXEL_SIZE)
+    write_volume(folder / "seg.h5", seg, voxel_size=VOXEL_SIZE)
+    params = config.with_defaults("export", {"chunk_size": [4, 32, 32], "pyramid_levels": 1, "shard_above_voxels": 0})
+    export_files(folder / "seg.h5", folder / "image.h5", folder / "ng", params)
+    return folder / "ng", seg
+
+
+def coloured_pixels(png: bytes, colour: tuple[int, int, int]) -> int:
+    """Pixels whose hue is ``colour`` blended over grey (the segmentation's 50 % opacity over the image)."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    strongest = int(np.argmax(colour))
+    others = [c for c in range(3) if c != strongest]
+    return int(((rgb[..., strongest] - rgb[..., others].max(axis=-1)) > 40).sum())
+
+
+def test_screenshot_shows_the_selected_objects(export, tmp_path):
+    ng_dir, seg = export
+    viewer, data, record = view.start_viewer(ng_dir, select=2)
+    driver = None
+    try:
+        assert sorted(int(s) for s in viewer.state.layers["segmentation"].segments) == [3, 7]
+        assert viewer.state.position[2] == 6.5  # centre slice of object 7
+        with viewer.txn() as state:
+            state.cross_section_scale = 0.5  # 2 x 2 screen pixels per voxel
+            state.show_axis_lines = False
+            state.show_default_annotations = False  # the volume's yellow bounding box
+            for segment, colour in COLOURS.items():
+                state.layers["segmentation"].segment_colors[segment] = "#%02x%02x%02x" % colour
+        driver = view.open_headless(viewer.get_viewer_url())
+        png = view.screenshot(viewer, size=(400, 300), timeout=120)
+    finally:
+        if driver is not None:
+            driver.quit()
+        data.stop()
+    (tmp_path / "screenshot.png").write_bytes(png)
+    print(f"screenshot: {tmp_path / 'screenshot.png'}")
+    if os.environ.get("EMMITO_SCREENSHOT"):
+        with open(os.environ["EMMITO_SCREENSHOT"], "wb") as f:
+            f.write(png)
+    shown_slice = seg[6]
+    for segment, colour in COLOURS.items():
+        expected = 4 * int((shown_slice == segment).sum())
+        assert expected > 0
+        assert coloured_pixels(png, colour) == pytest.approx(expected, rel=0.03), f"object {segment}"
+    # Object 5 is on the slice but not selected, so it must not be drawn: nothing else is coloured.
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    not_grey = int((rgb.max(axis=-1) - rgb.min(axis=-1) > 40).sum())
+    assert not_grey == pytest.approx(4 * int(np.isin(shown_slice, [3, 7]).sum()), rel=0.03)
+
+
+def test_view_cli_screenshot(export, tmp_path):
+    import subprocess
+    import sys
+
+    ng_dir, _ = export
+    out = tmp_path / "cli.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "emmito.cli", "view", str(ng_dir), "--screenshot", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert (rgb.max(axis=-1) - rgb.min(axis=-1) > 40).sum() > 1000, "no segmentation colour in the CLI screenshot"
