@@ -6,6 +6,8 @@ TORCH  ?= torch==2.13.0
 CORES  ?= 2
 BIN    := $(VENV)/bin
 SNAKEMAKE := $(BIN)/snakemake
+# The rules call `emmito`: put the venv first on PATH for every recipe.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test data lint dag clean help
 
