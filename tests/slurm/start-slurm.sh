@@ -14,16 +14,19 @@ set -euo pipefail
 BASE=${SLURM_CI_DIR:-/tmp/emmito-slurm}   # state, spool, logs and pid files
 export DEBIAN_FRONTEND=noninteractive
 
-node_state() { sinfo -h -N -o %T 2>/dev/null | head -n 1; }
+# timeout: without a controller, sinfo retries for ~10 s.
+node_state() { timeout 5 sinfo -h -N -o %T 2>/dev/null | head -n 1; }
 
-# Already running (ours, or any cluster that answers with both partitions): nothing to do.
+# Already started from $BASE and healthy: nothing to do (any user may ask).
 if [ -s "$BASE/slurmctld.pid" ] && kill -0 "$(cat "$BASE/slurmctld.pid")" 2>/dev/null; then
-  if [ "$(node_state)" = idle ] || [ "$(node_state)" = mixed ] || [ "$(node_state)" = allocated ]; then
-    echo "SLURM from $BASE is already running:"
-    sinfo
-    exit 0
-  fi
-  echo "SLURM from $BASE is running but its node is '$(node_state)': run tests/slurm/stop-slurm.sh, then start again" >&2
+  state=$(node_state)
+  case "$state" in
+    idle|mixed|allocated|completing)
+      echo "SLURM from $BASE is already running:"
+      sinfo
+      exit 0 ;;
+  esac
+  echo "SLURM from $BASE is running but its node is '$state': run tests/slurm/stop-slurm.sh, then start again" >&2
   exit 1
 fi
 
@@ -64,6 +67,7 @@ DETECTED=$(slurmd -C)
 CPUS=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$DETECTED")
 MEM=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$DETECTED")
 MEM=$(( MEM * 85 / 100 ))   # leave room for the daemons and the submitting snakemake
+CPU_FACTOR=${SLURM_CI_CPU_FACTOR:-4}
 mkdir -p /etc/slurm
 cat > /etc/slurm/slurm.conf <<CONF
 # Written by emmito tests/slurm/start-slurm.sh: one-node CI cluster, no cgroups, no slurmdbd.
@@ -77,6 +81,9 @@ TaskPlugin=task/none
 ReturnToService=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# The node offers CPU_FACTOR x its real CPUs (config_overrides stops slurmd from marking it
+# INVAL for that), so a 2-core CI runner runs several short jobs at once, as a cluster would.
+SlurmdParameters=config_overrides
 # No accounting DB, so sacct fails ("Slurm accounting storage is disabled"); squeue shows
 # finished jobs for MinJobAge seconds, which must be >= 3x the plugin's first status delay.
 AccountingStorageType=accounting_storage/none
@@ -91,7 +98,7 @@ SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd.log
 # One stand-in GPU so that --gpus=1 / --gres=gpu:1 jobs can be scheduled (see gres.conf).
 GresTypes=gpu
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(( CPUS * CPU_FACTOR )) RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 CONF
@@ -109,6 +116,7 @@ setsid /usr/sbin/slurmd -D -N localhost >"$BASE/log/slurmd.out" 2>&1 </dev/null 
 
 # 5. Wait until the node is idle (normally 1-3 s).
 for _ in $(seq 60); do
+  kill -0 "$(cat "$BASE/slurmctld.pid")" 2>/dev/null || break   # it died: see its log
   [ "$(node_state)" = idle ] && break
   sleep 0.5
 done
@@ -117,7 +125,12 @@ if [ "$(node_state)" != idle ]; then
   sinfo -N -l >&2 || true
   scontrol show node localhost >&2 || true
   tail -n 30 "$BASE"/log/*.log "$BASE"/log/*.out >&2 || true
+  SLURM_CI_DIR="$BASE" "$(dirname "$0")/stop-slurm.sh" >&2 || true
   exit 1
 fi
+# The daemons' own pid files are authoritative (setsid forks when it runs as a group leader).
+for d in slurmctld slurmd; do
+  if [ -s "$BASE/$d.daemon.pid" ]; then cp "$BASE/$d.daemon.pid" "$BASE/$d.pid"; fi
+done
 echo "SLURM is running (state in $BASE; stop it with tests/slurm/stop-slurm.sh):"
 sinfo
