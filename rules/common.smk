@@ -196,3 +196,11 @@ def labels_arg(wildcards):
 
 def voxel_size_arg(wildcards):
     return " ".join(str(v) for v in config["volumes"][wildcards.vol]["voxel_size"])
+
+
+# List the slices of every volume the run uses at parse time (one directory listing each,
+# cached): a numbering mistake then stops the run with one message, where from inside an
+# input function Snakemake would wrap it in an InputFunctionException with a traceback.
+for _vol in dict.fromkeys(config["train"]["volumes"] + config["train"]["validation"] + config["infer"]["volumes"]):
+    for _kind in ("images", "labels") if has_labels(_vol) else ("images",):
+        slice_files(_vol, _kind)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -143,8 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(BaseException):
+    """SIGTERM arrived (a SLURM time limit, scancel, snakemake stopping its jobs).
+
+    Raised from the signal handler so that the stack unwinds and every
+    ``emmito.io.atomic_path`` removes its temporary file before the process ends.
+    """
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _run_verb(args: argparse.Namespace) -> int:
+    """Run the verb's stage -> exit status, turning expected failures into one line on stderr."""
     try:
         module = import_module(f"emmito.{args.verb}")
         params = stage_config(args) if hasattr(args, "params") else {}
@@ -155,7 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"emmito {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"emmito {args.verb}: terminated (SIGTERM): no partial output was kept; rerun the job", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Signal handlers can only be set from the main thread (tests may call main() from others).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        try:
+            return _run_verb(args)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous_sigterm)
+    except Terminated:
+        # SIGTERM came after the stage had finished, before the handler was restored: nothing to undo.
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        print(f"emmito {args.verb}: terminated (SIGTERM) after finishing", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

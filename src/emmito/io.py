@@ -15,6 +15,7 @@ place with ``os.replace``, so a killed job never leaves a file that looks finish
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -65,26 +66,77 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
+def _remove_stale_temporaries(final: Path, own: Path) -> None:
+    """Delete the temporary files that killed writers of ``final`` left (SIGKILL, a dead node).
+
+    Only one job writes an output at a time (Snakemake locks the results), so any
+    other temporary file of the same output belongs to a writer that is gone.
+    """
+    with contextlib.suppress(OSError):
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+            if stale != own and not stale.is_dir():
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+
+
+def _fsync(path: Path) -> None:
+    # A node that dies right after the rename must not leave an empty file under the final name.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_failure(final: Path, exc: OSError) -> EmmitoError | None:
+    """A one-line EmmitoError for the write errors a user can fix (disk full, quota, permissions), else None.
+
+    HDF5 reports a failed write as an OSError without ``errno``, naming it only in
+    its message (``errno = 28, error message = 'No space left on device'``).
+    """
+    text = str(exc)
+    if exc.errno == errno.ENOSPC or "No space left on device" in text or "errno = 28," in text:
+        return EmmitoError(f"{final}: no space left on the device while writing it: free space or point results to a larger disk")
+    if exc.errno == errno.EDQUOT or "Disk quota exceeded" in text or f"errno = {errno.EDQUOT}," in text:
+        return EmmitoError(f"{final}: disk quota exceeded while writing it: free space, ask for more quota, or point results elsewhere")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only file system" in text:
+        return EmmitoError(f"{final}: cannot write it ({exc.strerror or 'permission denied'}): check the folder's permissions, or point results elsewhere")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; move it into place only on success.
 
-    On any exception the temporary file is removed and nothing appears under
-    the final name.
+    On any exception (or SIGTERM, which ``emmito.cli`` turns into one) the
+    temporary file is removed and nothing appears under the final name; a
+    SIGKILLed writer's leftover is removed by the next write of the same file.
+    A full disk, an exceeded quota or a folder that cannot be written raise a
+    one-line EmmitoError naming ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        failure = _write_failure(final, exc)
+        if failure is not None:
+            raise failure from None
+        raise EmmitoError(
+            f"{final.parent}: cannot create this output folder ({exc.strerror}): a file is in the way or the path is wrong; fix the output path"
+        ) from None
     tmp = _tmp_name(final)
+    _remove_stale_temporaries(final, tmp)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, final)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-            raise EmmitoError(
-                f"{final}: no space left on the device while writing it: free space or point results to a larger disk"
-            ) from None
+        failure = _write_failure(final, exc) if isinstance(exc, OSError) else None
+        if failure is not None:
+            raise failure from None
         raise
 
 
