@@ -309,7 +309,10 @@ def _atomic_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Folders left by killed exports of this output (Snakemake's lock means no other
+    # writer is alive) would otherwise pile up, each as large as the export.
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
