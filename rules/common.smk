@@ -14,7 +14,6 @@ from emmito.io import EmmitoError, list_slices
 from PIL import Image
 from snakemake.exceptions import WorkflowError
 
-
 try:
     validate_config(config, source="config")
 except EmmitoError as exc:
@@ -80,10 +79,16 @@ def all_outputs():
     for vol in config["infer"]["volumes"]:
         targets.append(f"results/{vol}/seg.h5")
         targets.append(f"results/{vol}/ng")
-        targets += [f"results/{vol}/report/overlays.png", f"results/{vol}/report/sizes.png"]
+        targets += [
+            f"results/{vol}/report/overlays.png",
+            f"results/{vol}/report/sizes.png",
+        ]
         if has_labels(vol):
             targets.append(f"results/{vol}/metrics.json")
-            targets += [f"results/{vol}/report/scores.png", f"results/{vol}/report/metrics.html"]
+            targets += [
+                f"results/{vol}/report/scores.png",
+                f"results/{vol}/report/metrics.html",
+            ]
     return targets
 
 
@@ -113,24 +118,40 @@ def train_inputs(wildcards):
 
 
 def train_args(wildcards):
-    args = [f"--train results/{v}/image.h5 results/{v}/label.h5" for v in config["train"]["volumes"]]
-    args += [f"--val results/{v}/image.h5 results/{v}/label.h5" for v in config["train"]["validation"]]
+    args = [
+        f"--train results/{v}/image.h5 results/{v}/label.h5"
+        for v in config["train"]["volumes"]
+    ]
+    args += [
+        f"--val results/{v}/image.h5 results/{v}/label.h5"
+        for v in config["train"]["validation"]
+    ]
     return " ".join(args)
 
 
 def merge_chunks(wildcards):
     chunk_indices = blocks.chunks_of_block(
-        int(wildcards.block), BLOCK_SLICES, BLOCK_OVERLAP, CHUNK_SLICES, depth(wildcards.vol)
+        int(wildcards.block),
+        BLOCK_SLICES,
+        BLOCK_OVERLAP,
+        CHUNK_SLICES,
+        depth(wildcards.vol),
     )
     return [f"results/{wildcards.vol}/heat/chunk_{c}.h5" for c in chunk_indices]
 
 
 def trace_blocks(wildcards):
-    return [f"results/{wildcards.vol}/seg/block_{b}.h5" for b in range(n_blocks(wildcards.vol))]
+    return [
+        f"results/{wildcards.vol}/seg/block_{b}.h5"
+        for b in range(n_blocks(wildcards.vol))
+    ]
 
 
 def evaluate_inputs(wildcards):
-    return {"seg": f"results/{wildcards.vol}/seg.h5", "label": f"results/{wildcards.vol}/label.h5"}
+    return {
+        "seg": f"results/{wildcards.vol}/seg.h5",
+        "label": f"results/{wildcards.vol}/label.h5",
+    }
 
 
 # ---- parameters ------------------------------------------------------------------
@@ -153,7 +174,11 @@ def stage_params(*sections):
 
 def mem_mb(slices, bytes_per_voxel, base_mb=1000):
     def request(wildcards, attempt):
-        voxels = slices(wildcards) * slice_voxels(wildcards.vol) if hasattr(wildcards, "vol") else 0
+        voxels = (
+            slices(wildcards) * slice_voxels(wildcards.vol)
+            if hasattr(wildcards, "vol")
+            else 0
+        )
         return int((base_mb + bytes_per_voxel * voxels / 2**20) * attempt)
 
     return request
@@ -201,6 +226,10 @@ def voxel_size_arg(wildcards):
 # List the slices of every volume the run uses at parse time (one directory listing each,
 # cached): a numbering mistake then stops the run with one message, where from inside an
 # input function Snakemake would wrap it in an InputFunctionException with a traceback.
-for _vol in dict.fromkeys(config["train"]["volumes"] + config["train"]["validation"] + config["infer"]["volumes"]):
+for _vol in dict.fromkeys(
+    config["train"]["volumes"]
+    + config["train"]["validation"]
+    + config["infer"]["volumes"]
+):
     for _kind in ("images", "labels") if has_labels(_vol) else ("images",):
         slice_files(_vol, _kind)

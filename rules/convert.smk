@@ -4,9 +4,6 @@ rule convert:
         convert_images,
     output:
         "results/{vol}/image.h5",
-    params:
-        images=images_arg,
-        voxel_size=voxel_size_arg,
     log:
         "results/logs/convert/{vol}.log",
     benchmark:
@@ -17,6 +14,9 @@ rule convert:
     resources:
         mem_mb=mem_mb(one_slice, 32),
         runtime=runtime_minutes(60),
+    params:
+        images=images_arg,
+        voxel_size=voxel_size_arg,
     shell:
         "emmito convert --images {params.images} --voxel-size {params.voxel_size}"
         " --image-out {output} > {log} 2>&1"
@@ -28,10 +28,6 @@ rule convert_labels:
         convert_labels,
     output:
         "results/{vol}/label.h5",
-    params:
-        images=images_arg,
-        labels=labels_arg,
-        voxel_size=voxel_size_arg,
     log:
         "results/logs/convert_labels/{vol}.log",
     benchmark:
@@ -42,6 +38,10 @@ rule convert_labels:
     resources:
         mem_mb=mem_mb(one_slice, 64, base_mb=2000),
         runtime=runtime_minutes(60),
+    params:
+        images=images_arg,
+        labels=labels_arg,
+        voxel_size=voxel_size_arg,
     shell:
         "emmito convert --images {params.images} {params.labels} --voxel-size {params.voxel_size}"
         " --label-out {output} > {log} 2>&1"

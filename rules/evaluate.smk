@@ -4,8 +4,6 @@ rule evaluate:
         unpack(evaluate_inputs),
     output:
         "results/{vol}/metrics.json",
-    params:
-        config=stage_params("evaluate"),
     log:
         "results/logs/evaluate/{vol}.log",
     benchmark:
@@ -16,5 +14,7 @@ rule evaluate:
     resources:
         mem_mb=mem_mb(block_slices_of, 40),
         runtime=runtime_minutes(60),
+    params:
+        config=stage_params("evaluate"),
     shell:
         "emmito evaluate {input.seg} {input.label} {output} --params {params.config} > {log} 2>&1"

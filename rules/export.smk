@@ -17,8 +17,6 @@ rule export:
         image="results/{vol}/image.h5",
     output:
         directory("results/{vol}/ng"),
-    params:
-        config=stage_params("export"),
     log:
         "results/logs/export/{vol}.log",
     benchmark:
@@ -29,5 +27,7 @@ rule export:
     resources:
         mem_mb=mem_mb(no_slices, 0, base_mb=EXPORT_MEM_MB),
         runtime=runtime_minutes(120),
+    params:
+        config=stage_params("export"),
     shell:
         "emmito export {input.seg} {input.image} {output} --params {params.config} > {log} 2>&1"

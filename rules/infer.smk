@@ -5,8 +5,6 @@ rule infer:
         checkpoint=f"{MODEL_DIR}/checkpoint.pt",
     output:
         "results/{vol}/heat/chunk_{chunk}.h5",
-    params:
-        config=stage_params("model", "infer"),
     log:
         "results/logs/infer/{vol}/chunk_{chunk}.log",
     benchmark:
@@ -18,6 +16,8 @@ rule infer:
         gpu=1,
         mem_mb=mem_mb(chunk_slices_of, 24, base_mb=2000),
         runtime=runtime_minutes(120),
+    params:
+        config=stage_params("model", "infer"),
     shell:
         "emmito infer {input.image} {input.checkpoint} {output} --chunk {wildcards.chunk}"
         " --params {params.config} > {log} 2>&1"

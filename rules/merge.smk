@@ -4,8 +4,6 @@ rule merge:
         merge_chunks,
     output:
         "results/{vol}/heat/block_{block}.h5",
-    params:
-        config=stage_params("infer", "merge"),
     log:
         "results/logs/merge/{vol}/block_{block}.log",
     benchmark:
@@ -16,5 +14,7 @@ rule merge:
     resources:
         mem_mb=mem_mb(chunk_slices_of, 4),
         runtime=runtime_minutes(30),
+    params:
+        config=stage_params("infer", "merge"),
     shell:
         "emmito merge {output} {input} --block {wildcards.block} --params {params.config} > {log} 2>&1"

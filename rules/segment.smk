@@ -4,8 +4,6 @@ rule segment:
         "results/{vol}/heat/block_{block}.h5",
     output:
         "results/{vol}/seg/block_{block}.h5",
-    params:
-        config=stage_params("segment"),
     log:
         "results/logs/segment/{vol}/block_{block}.log",
     benchmark:
@@ -16,5 +14,7 @@ rule segment:
     resources:
         mem_mb=mem_mb(block_slices_of, 24),
         runtime=runtime_minutes(120),
+    params:
+        config=stage_params("segment"),
     shell:
         "emmito segment {input} {output} --params {params.config} > {log} 2>&1"

@@ -5,8 +5,6 @@ rule trace:
     output:
         seg="results/{vol}/seg_infer.h5",
         id_map="results/{vol}/trace.json",
-    params:
-        config=stage_params("merge", "trace"),
     log:
         "results/logs/trace/{vol}.log",
     benchmark:
@@ -17,5 +15,7 @@ rule trace:
     resources:
         mem_mb=mem_mb(block_slices_of, 12),
         runtime=runtime_minutes(120),
+    params:
+        config=stage_params("merge", "trace"),
     shell:
         "emmito trace {output.seg} {output.id_map} {input} --params {params.config} > {log} 2>&1"

@@ -5,9 +5,6 @@ rule train:
     output:
         checkpoint=f"{MODEL_DIR}/checkpoint.pt",
         metrics=f"{MODEL_DIR}/metrics.jsonl",
-    params:
-        volumes=train_args,
-        config=stage_params("seed", "model", "train", "infer"),
     log:
         f"{MODEL_DIR}/train.log",
     benchmark:
@@ -19,6 +16,9 @@ rule train:
         gpu=1,
         mem_mb=mem_mb(no_slices, 0, base_mb=8000),
         runtime=runtime_minutes(24 * 60),
+    params:
+        volumes=train_args,
+        config=stage_params("seed", "model", "train", "infer"),
     shell:
         "emmito train {params.volumes} --checkpoint {output.checkpoint} --metrics {output.metrics}"
         " --params {params.config} > {log} 2>&1"

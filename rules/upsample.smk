@@ -5,8 +5,6 @@ rule upsample:
         image="results/{vol}/image.h5",
     output:
         "results/{vol}/seg.h5",
-    params:
-        config=stage_params("upsample"),
     log:
         "results/logs/upsample/{vol}.log",
     benchmark:
@@ -17,5 +15,7 @@ rule upsample:
     resources:
         mem_mb=mem_mb(block_slices_of, 40),
         runtime=runtime_minutes(120),
+    params:
+        config=stage_params("upsample"),
     shell:
         "emmito upsample {input.traced} {input.image} {output} --params {params.config} > {log} 2>&1"

@@ -89,3 +89,12 @@ def test_config_typo_is_one_line(tmp_path, project):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "unknown key 'min_sise' in 'segment': check the spelling" in output
+
+
+def test_snakefmt_is_clean():
+    from tinyproject import BIN, REPO
+
+    result = subprocess.run(
+        [str(BIN / "snakefmt"), "--check", "Snakefile", "rules/"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
