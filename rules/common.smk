@@ -10,8 +10,7 @@ from functools import cache
 import emmito
 from emmito import blocks
 from emmito.config import validate as validate_config
-from emmito.io import EmmitoError, list_slices
-from PIL import Image
+from emmito.io import EmmitoError, list_slices, png_header
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -50,18 +49,16 @@ def depth(vol):
 @cache
 def slice_voxels(vol):
     """Voxels per slice at inference resolution (one PNG header read), for memory requests."""
-    with Image.open(slice_files(vol)[0]) as first:
-        width, height = first.size
+    try:
+        height, width = png_header(slice_files(vol)[0])[:2]
+    except EmmitoError as exc:
+        raise WorkflowError(f"volumes.{vol}.images: {exc}") from None
     factor = config["infer"]["downsample_xy"]
     return max(1, (height // factor) * (width // factor))
 
 
 def has_labels(vol):
     return "labels" in config["volumes"][vol]
-
-
-def n_chunks(vol):
-    return blocks.count(depth(vol), CHUNK_SLICES)
 
 
 def n_blocks(vol):
