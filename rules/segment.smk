@@ -10,7 +10,7 @@ rule segment:
         "results/benchmarks/segment/{vol}/block_{block}.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: 2
     resources:
         mem_mb=mem_mb(block_slices_of, 24),
         runtime=runtime_minutes(120),

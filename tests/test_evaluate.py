@@ -130,3 +130,19 @@ def test_shape_mismatch_is_one_line(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path / "seg.h5"), str(tmp_path / "label.h5"), str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err
     assert "seg.h5" in err and "label.h5" in err and err.count("\n") == 1
+
+
+def test_instance_f1_matches_evaluate_arrays():
+    from emmito.evaluate import evaluate_arrays, instance_f1
+
+    gt = np.zeros((4, 10, 10), np.uint32)
+    seg = np.zeros_like(gt)
+    gt[:, 0:4, 0:4] = 1
+    gt[:, 6:10, 6:10] = 2
+    seg[:, 0:4, 0:4] = 7  # exact
+    seg[:, 6:10, 6:8] = 8  # IoU 0.5 with gt 2
+    seg[:, 0:2, 8:10] = 9  # false positive
+    assert instance_f1(seg, gt, 0.5) == evaluate_arrays(seg, gt, 0.5)["instance_f1"] == 2 * 2 / 5
+    assert instance_f1(seg, gt, 0.6) == 2 * 1 / 5
+    assert instance_f1(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
+    assert instance_f1(np.zeros_like(gt), gt) == 0.0

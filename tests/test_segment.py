@@ -10,8 +10,9 @@ from skimage.segmentation import watershed
 
 from emmito import cli
 from emmito.config import with_defaults
+from emmito.evaluate import instance_f1
 from emmito.io import read_volume, write_volume
-from emmito.segment import blur_and_threshold, find_seeds, segment_block
+from emmito.segment import bc_watershed, blur_and_threshold, blur_box, decode, segment_block
 
 SMALL = {"min_size": 20, "min_seed_size": 4}
 
@@ -35,11 +36,14 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def whole_block_watershed(heat: np.ndarray, params: dict) -> np.ndarray:
-    """The recipe without the fast path: one skimage watershed over the whole block."""
+    """The recipe without the fast path: full-slice blur, one skimage watershed over the whole block."""
     p = with_defaults("segment", params)
-    blurred, foreground = blur_and_threshold(heat, p["blur_sigma"], p["foreground_threshold"])
-    seeds = find_seeds(heat, foreground, p["seed_threshold"], p["min_seed_size"])
-    labels = watershed(255 - blurred, seeds, mask=foreground, connectivity=1).astype(np.int64)
+    blurred = np.stack([ndimage.gaussian_filter(s, p["blur_sigma"], output=np.float32) for s in heat])
+    foreground = blurred > p["foreground_threshold"]
+    seeds = cc3d.connected_components((heat > p["seed_threshold"]) & foreground, connectivity=6).astype(np.int64)
+    seeds[np.bincount(seeds.ravel())[seeds] < p["min_seed_size"]] = 0
+    landscape = 255 - np.rint(blurred).astype(np.uint8)
+    labels = watershed(landscape, seeds, mask=foreground, connectivity=1).astype(np.int64)
     unseeded = cc3d.connected_components(foreground & (labels == 0), connectivity=6).astype(np.int64)
     labels[unseeded > 0] = unseeded[unseeded > 0] + labels.max()
     sizes = np.bincount(labels.ravel())
@@ -122,11 +126,13 @@ def test_tiled_blur_equals_full_slice_blur_where_it_matters(sigma):
     heat[1, 0:5, 85:90] = 90  # at the slice's corner
     heat[1, 60:70, 0:80] = rng.integers(0, 256, size=(10, 80), dtype=np.uint8)
     heat[2] = rng.integers(0, 12, size=(100, 90), dtype=np.uint8)  # faint noise, never foreground
-    blurred, foreground = blur_and_threshold(heat, sigma, 16)
+    foreground = blur_and_threshold(heat, sigma, 16)
     full = np.stack([ndimage.gaussian_filter(s, sigma, output=np.float32) for s in heat])
     assert np.array_equal(foreground, full > 16)
     assert foreground[0].any() and foreground[1].any() and not foreground[2].any()
-    assert np.array_equal(blurred[foreground], np.rint(full[foreground]).astype(np.uint8))
+    # A box blurred with its halo equals the crop of the full-slice blur, inside and at the slice edges.
+    for box in [(slice(0, 3), slice(30, 50), slice(20, 40)), (slice(1, 2), slice(0, 7), slice(80, 90))]:
+        assert np.array_equal(blur_box(heat, box, sigma), full[box])
 
 
 def test_cli_writes_block_with_heat_attrs(tmp_path):
@@ -150,4 +156,114 @@ def test_cli_refuses_a_3d_heatmap(tmp_path, capsys):
     assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5")]) == 2
     message = capsys.readouterr().err
     assert "block_0.h5" in message and "(channel, z, y, x)" in message
+    assert not (tmp_path / "out.h5").exists()
+
+
+# ---- bc_watershed: binary + contour channels ------------------------------------------
+
+
+def bc_channels(shape, centres, radii):
+    """(binary, contour) uint8: ellipsoids of binary 255 inside, and a contour band at their surfaces and where they touch."""
+    parts = [ellipsoid_heat(shape, [c], [r]) for c, r in zip(centres, radii)]
+    binary = np.maximum.reduce(parts)
+    binary = np.where(binary > 0, 250, 0).astype(np.uint8)
+    inside = [p > 0 for p in parts]
+    surface = np.zeros(shape, bool)
+    for mask in inside:
+        surface |= mask & ~ndimage.binary_erosion(mask)
+    touching = ndimage.binary_dilation(inside[0]) & ndimage.binary_dilation(np.logical_or.reduce(inside[1:]))
+    contour = np.where(surface | touching, 240, 10).astype(np.uint8)
+    return binary, contour
+
+
+BC_SMALL = {"decoder": "bc_watershed", "bc_min_size": 20, "bc_min_seed_size": 4}
+
+
+def test_bc_schema_defaults_are_pytc_thresholds_in_heat_units():
+    p = with_defaults("segment", {})
+    # PyTC compares uint8 maps with int(255 * threshold): 0.85, 0.9, 0.8.
+    assert (p["bc_foreground"], p["bc_seed_foreground"], p["bc_seed_contour"]) == (216, 229, 204)
+    assert (p["bc_min_size"], p["bc_min_seed_size"]) == (128, 32)
+
+
+def test_bc_watershed_splits_touching_objects_at_the_contour():
+    binary, contour = bc_channels((12, 40, 60), [(6, 20, 20), (6, 20, 38)], [(5, 9, 11), (5, 9, 11)])
+    labels = bc_watershed(binary, contour, BC_SMALL)
+    assert labels.dtype == np.uint32
+    assert cc3d.connected_components(labels > 0, connectivity=6).max() == 1  # one foreground component ...
+    assert labels.max() == 2 and labels[6, 20, 20] != labels[6, 20, 38]  # ... two objects
+    assert np.array_equal(labels > 0, binary > 216)  # every foreground voxel is flooded
+    # Without the contour the two blobs are one seed, hence one object.
+    assert bc_watershed(binary, np.zeros_like(contour), BC_SMALL).max() == 1
+
+
+def test_bc_watershed_thresholds_and_sizes():
+    binary, contour = bc_channels((10, 40, 40), [(5, 12, 12), (5, 30, 30)], [(4, 8, 8), (2, 3, 3)])
+    assert bc_watershed(binary, contour, BC_SMALL).max() == 2
+    assert bc_watershed(binary, contour, {**BC_SMALL, "bc_min_size": 100}).max() == 1  # the small one goes
+    # Binary below the foreground threshold: nothing.
+    assert bc_watershed(np.minimum(binary, 200), contour, BC_SMALL).max() == 0
+
+
+def test_decode_picks_the_decoder_and_bc_equals_whole_block_watershed():
+    rng = np.random.default_rng(5)
+    centres = rng.uniform([0, 0, 0], [16, 64, 64], size=(20, 3))
+    radii = rng.uniform([2, 4, 4], [5, 10, 10], size=(20, 3))
+    _, contour = bc_channels((16, 64, 64), centres, radii)
+    # A graded binary map: on flat plateaus a watershed's result depends on its visiting order.
+    binary = ellipsoid_heat((16, 64, 64), centres, radii)
+    params = {**BC_SMALL, "bc_min_seed_size": 3, "bc_foreground": 40, "bc_seed_foreground": 200}
+    fast = decode({"foreground": binary, "contour": contour}, params)
+    p = with_defaults("segment", params)
+    foreground = binary > p["bc_foreground"]
+    seeds = cc3d.connected_components(
+        (binary > p["bc_seed_foreground"]) & (contour < p["bc_seed_contour"]), connectivity=6
+    ).astype(np.int64)
+    seeds[np.bincount(seeds.ravel())[seeds] < p["bc_min_seed_size"]] = 0
+    reference = watershed(255 - binary, seeds, mask=foreground, connectivity=1).astype(np.int64)
+    unseeded = cc3d.connected_components(foreground & (reference == 0), connectivity=6).astype(np.int64)
+    reference[unseeded > 0] = unseeded[unseeded > 0] + reference.max()
+    reference[np.bincount(reference.ravel())[reference] < p["bc_min_size"]] = 0
+    # uint8 maps have plateaus, where the visiting order breaks ties: the same objects, a few voxels apart.
+    assert instance_f1(fast, reference, 0.8) == 1.0
+    assert np.mean((fast > 0) == (reference > 0)) > 0.999
+    assert fast.max() > cc3d.connected_components(fast > 0, connectivity=6).max()  # the flood ran
+    # The heat_watershed decoder ignores the contour.
+    heat_only = decode({"foreground": binary, "contour": contour}, {**params, "decoder": "heat_watershed"})
+    assert np.array_equal(heat_only, segment_block(binary, params))
+
+
+def test_threads_do_not_change_the_result():
+    rng = np.random.default_rng(8)
+    centres = rng.uniform([0, 0, 0], [20, 80, 80], size=(30, 3))
+    radii = rng.uniform([2, 4, 4], [5, 12, 12], size=(30, 3))
+    heat = ellipsoid_heat((20, 80, 80), centres, radii, peak=240)
+    params = {"min_size": 30, "min_seed_size": 5, "seed_threshold": 170}
+    one = segment_block(heat, {**params, "threads": 1})
+    assert np.array_equal(one, segment_block(heat, {**params, "threads": 3}))
+
+
+def test_cli_bc_decoder_reads_channels_by_name(tmp_path):
+    binary, contour = bc_channels((12, 40, 60), [(6, 20, 20), (6, 20, 38)], [(5, 9, 11), (5, 9, 11)])
+    heat_path = tmp_path / "heat" / "block_0.h5"
+    # Channels in a different order than the decoder lists them: found by name.
+    attrs = {"channels": ["contour", "foreground"], "volume_depth": 12, "downsample_xy": 1}
+    write_volume(heat_path, np.stack([contour, binary]), voxel_size=[40, 8, 8], attrs=attrs)
+    out = tmp_path / "seg" / "block_0.h5"
+    params = '{"segment": {"decoder": "bc_watershed", "bc_min_size": 20, "bc_min_seed_size": 4}}'
+    assert cli.main(["segment", str(heat_path), str(out), "--params", params]) == 0
+    labels, _ = read_volume(out)
+    assert np.array_equal(labels, bc_watershed(binary, contour, BC_SMALL))
+    assert labels.max() == 2
+
+
+@pytest.mark.bad_input
+def test_cli_bc_decoder_on_a_one_channel_heatmap_names_the_missing_channel(tmp_path, capsys):
+    heat_path = tmp_path / "block_0.h5"
+    attrs = {"channels": ["foreground"], "volume_depth": 4, "downsample_xy": 1}
+    write_volume(heat_path, np.zeros((1, 4, 8, 8), np.uint8), voxel_size=[1, 1, 1], attrs=attrs)
+    params = '{"segment": {"decoder": "bc_watershed"}}'
+    assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5"), "--params", params]) == 2
+    message = capsys.readouterr().err
+    assert "block_0.h5" in message and "'contour'" in message and "heat_watershed" in message
     assert not (tmp_path / "out.h5").exists()

@@ -126,13 +126,15 @@ def test_without_overlap_adjacent_slices_are_matched():
     assert same_partition(traced, cc3d.connected_components(volume, connectivity=6))
 
 
-def test_with_segment_block_as_segmenter():
+@pytest.mark.parametrize(("block_slices", "block_overlap"), [(6, 2), (9, 3), (13, 4), (20, 0)])
+def test_segmenting_in_blocks_then_tracing_equals_segmenting_whole(block_slices, block_overlap):
     volume = separated_blobs(seed=4)
     heat = np.where(volume, 230, 0).astype(np.uint8)
-    params = {"blur_sigma": 0, "min_size": 1, "min_seed_size": 1}
+    params = {"blur_sigma": 0, "min_size": 1, "min_seed_size": 1, "threads": 1}
     whole = segment_block(heat, params)
-    parts = cut_into_blocks(heat, 9, 3, segment=lambda part: segment_block(part, params))
-    traced, _ = trace_arrays(parts, 9, 3)
+    parts = cut_into_blocks(heat, block_slices, block_overlap, segment=lambda part: segment_block(part, params))
+    traced, _ = trace_arrays(parts, block_slices, block_overlap)
+    assert whole.max() >= 5 and len(parts) >= 2
     assert same_partition(traced, whole)
 
 

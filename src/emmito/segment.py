@@ -1,19 +1,33 @@
-"""Instance segmentation of one heatmap block: blur, threshold, seeds, watershed.
+"""Instance segmentation of one heatmap block: foreground, seeds, seeded watershed, size filter.
 
-``segment_block`` is the original pipeline's recipe (per-slice Gaussian blur,
-foreground threshold, seeds from a high threshold, seeded watershed on the
-inverted heatmap, small objects removed), made fast by flooding only where
-flooding can change the answer: a foreground component that holds fewer than
-two seeds is one object as it stands, so only components with two or more
-seeds get a watershed, inside their own bounding box. Mitochondria fill a few
-per cent of a volume and most of them hold one seed, so most of the block is
-never flooded.
+Two decoders, selected by ``segment.decoder``:
+
+- ``heat_watershed`` (the original pipeline's recipe) on a one-channel
+  heatmap: per-slice Gaussian blur, foreground = blurred heat above a
+  threshold, seeds = connected components of the heat above a higher one,
+  watershed of the inverted blurred heat inside the foreground;
+- ``bc_watershed`` (PyTorch Connectomics' decoder for binary + contour
+  outputs): foreground = binary above a threshold, seeds = components of
+  (binary high) and (contour low), watershed of the inverted binary map.
+
+Both share ``seeded_watershed``, which floods only where flooding can change
+the answer: a foreground component that holds fewer than two seeds is one
+object as it stands, so only components with two or more seeds get a
+watershed, inside their own bounding box (threads work on different
+components at once). Mitochondria fill a few per cent of a volume and most
+hold one seed, so most of the block is never flooded. All thresholds are in
+heat units 0-255 (probability * 255).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cc3d
@@ -33,10 +47,14 @@ from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
 CONNECTIVITY = 6
 
 HEAT_CHANNEL = "foreground"
+CONTOUR_CHANNEL = "contour"
+DECODER_CHANNELS = {"heat_watershed": (HEAT_CHANNEL,), "bc_watershed": (HEAT_CHANNEL, CONTOUR_CHANNEL)}
 
 # Heat is blurred only in tiles of this size (y, x) near heat at the threshold.
 # Speed only: the result is the same for any tile size.
-BLUR_TILE = 16
+BLUR_TILE = 8
+# Slices per task when work is split over threads along z.
+SLAB_SLICES = 8
 
 
 def apply_lut(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -53,138 +71,318 @@ def apply_lut(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return labels
 
 
-def blur_and_threshold(
-    heat: np.ndarray, blur_sigma: float, foreground_threshold: float, progress: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Blur each slice of ``heat`` (uint8 (z, y, x), 0-255) in y and x only, and threshold it.
+def keep_freed_memory() -> None:
+    """Make this process keep the memory it frees for its next allocations (glibc only; else nothing).
 
-    Returns the blurred heatmap rounded to uint8 (the watershed's landscape)
-    and the foreground mask (bool), taken on the unrounded float32 blur so that
-    the threshold means what the config says. The blur is computed only near
-    heat that reaches the threshold; elsewhere the landscape is 0 and the mask
-    False, which is what a full blur gives there for the mask (the landscape
-    is only read inside the foreground). Float32 lives one tile group at a time.
+    On virtual machines that hand freed memory back to the host, touching it
+    again costs 0.3-3.5 s per GB; a block allocates several block-sized arrays
+    in turn, so reusing freed pages saves about a third of segment's time.
+    The process's peak memory is unchanged. Call it in a process that runs
+    segmentation (the CLI does), not from library code.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large arrays from the heap, which ...
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ... is not trimmed back to the system
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_count(threads: int) -> int:
+    """Threads to use: ``threads``, or every core this process may run on when 0."""
+    if threads > 0:
+        return threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _run(pool: ThreadPoolExecutor | None, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """``map`` over the pool when there is one (results in order), else in this thread."""
+    return pool.map(function, items) if pool is not None else map(function, items)
+
+
+def blur_radius(blur_sigma: float) -> int:
+    """scipy's Gaussian kernel radius (truncate=4) for ``blur_sigma``, in voxels."""
+    return int(4.0 * blur_sigma + 0.5)
+
+
+@functools.cache
+def gaussian_weights(blur_sigma: float) -> np.ndarray:
+    """scipy's Gaussian kernel (float64, truncate=4), reversed for ``correlate1d`` as ``gaussian_filter1d`` does."""
+    radius = blur_radius(blur_sigma)
+    x = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / (blur_sigma * blur_sigma) * x**2)
+    return (weights / weights.sum())[::-1].copy()
+
+
+def blur_yx(heat: np.ndarray, blur_sigma: float) -> np.ndarray:
+    """``gaussian_filter(heat, sigma)`` over the last two axes (y, x) into float32, bit for bit.
+
+    Calls scipy's ``correlate1d`` with a cached kernel: blocks make thousands
+    of small calls, where ``gaussian_filter``'s own set-up costs as much as the filtering.
+    """
+    weights = gaussian_weights(blur_sigma)
+    smooth = ndimage.correlate1d(heat, weights, axis=-2, output=np.float32, mode="reflect")
+    return ndimage.correlate1d(smooth, weights, axis=-1, output=smooth, mode="reflect")
+
+
+def blur_box(heat: np.ndarray, box: tuple[slice, slice, slice], blur_sigma: float) -> np.ndarray:
+    """Per-slice (y, x) Gaussian blur of ``heat[box]``, float32, equal to blurring whole slices and cropping.
+
+    Reads a halo of one kernel radius around the box (clipped at the slice
+    edges, where scipy's reflection then happens at the same place).
+    """
+    radius = blur_radius(blur_sigma)
+    (zs, ys, xs), (_, height, width) = box, heat.shape
+    y0, x0 = max(ys.start - radius, 0), max(xs.start - radius, 0)
+    y1, x1 = min(ys.stop + radius, height), min(xs.stop + radius, width)
+    smooth = blur_yx(heat[zs, y0:y1, x0:x1], blur_sigma)
+    return smooth[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+
+
+def _blur_threshold_slice(heat_slice: np.ndarray, out: np.ndarray, blur_sigma: float, threshold: float) -> None:
+    """Write ``blur(heat_slice) > threshold`` into ``out`` (bool (y, x), zeros on entry)."""
+    # A blurred voxel is a weighted mean (weights > 0, sum 1) of heat within one
+    # kernel radius, so it can pass the threshold only if some heat there reaches it.
+    radius = blur_radius(blur_sigma)
+    tile = max(BLUR_TILE, radius)
+    height, width = heat_slice.shape
+    tile_max = np.maximum.reduceat(
+        np.maximum.reduceat(heat_slice, np.arange(0, height, tile), axis=0), np.arange(0, width, tile), axis=1
+    )
+    # >= rather than >: the float blur of a flat patch at the threshold may round just above it.
+    active = tile_max >= threshold
+    if not active.any():
+        return
+    active = ndimage.binary_dilation(active, structure=np.ones((3, 3), dtype=bool))
+    groups = cc3d.connected_components(active, connectivity=8)
+    for box in ndimage.find_objects(groups):
+        y0, y1 = box[0].start * tile, min(box[0].stop * tile, height)
+        x0, x1 = box[1].start * tile, min(box[1].stop * tile, width)
+        hy0, hy1 = max(y0 - radius, 0), min(y1 + radius, height)
+        hx0, hx1 = max(x0 - radius, 0), min(x1 + radius, width)
+        smooth = blur_yx(heat_slice[hy0:hy1, hx0:hx1], blur_sigma)
+        np.greater(smooth[y0 - hy0 : y1 - hy0, x0 - hx0 : x1 - hx0], threshold, out=out[y0:y1, x0:x1])
+
+
+def blur_and_threshold(
+    heat: np.ndarray, blur_sigma: float, foreground_threshold: float, pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
+    """Foreground mask: each slice of ``heat`` (uint8 (z, y, x), 0-255) blurred in y and x, above the threshold.
+
+    Returns bool (z, y, x). The threshold applies to the unrounded float32
+    blur, so it means what the config says. The blur is computed only near heat
+    that reaches the threshold (elsewhere it cannot pass it), one slice at a
+    time, slices spread over ``pool``'s threads.
     """
     if blur_sigma <= 0:
-        return heat, heat > foreground_threshold
-    # scipy's Gaussian kernel radius (truncate=4): a blurred voxel is a weighted
-    # mean (weights > 0, sum 1) of heat within this radius, so it can pass the
-    # threshold only if some heat within the radius reaches it.
-    radius = int(4.0 * blur_sigma + 0.5)
-    tile = max(BLUR_TILE, radius)
-    depth, height, width = heat.shape
-    tile_rows, tile_cols = np.arange(0, height, tile), np.arange(0, width, tile)
-    blurred = np.zeros_like(heat)
+        return heat > foreground_threshold
     foreground = np.zeros(heat.shape, dtype=bool)
-    for z in tqdm(range(depth), desc="blur", unit="slice", file=sys.stderr, disable=not progress):
-        heat_slice = heat[z]
-        tile_max = np.maximum.reduceat(np.maximum.reduceat(heat_slice, tile_rows, axis=0), tile_cols, axis=1)
-        # >= rather than >: the float blur of a flat patch at the threshold may round just above it.
-        active = tile_max >= foreground_threshold
-        if not active.any():
-            continue
-        active = ndimage.binary_dilation(active, structure=np.ones((3, 3), dtype=bool))
-        groups = cc3d.connected_components(active, connectivity=8)
-        for box in ndimage.find_objects(groups):
-            y0, y1 = box[0].start * tile, min(box[0].stop * tile, height)
-            x0, x1 = box[1].start * tile, min(box[1].stop * tile, width)
-            # A halo of one radius makes the inner values exactly the full-slice blur's.
-            hy0, hy1 = max(y0 - radius, 0), min(y1 + radius, height)
-            hx0, hx1 = max(x0 - radius, 0), min(x1 + radius, width)
-            smooth = ndimage.gaussian_filter(heat_slice[hy0:hy1, hx0:hx1], blur_sigma, output=np.float32)
-            inner = smooth[y0 - hy0 : y1 - hy0, x0 - hx0 : x1 - hx0]
-            np.greater(inner, foreground_threshold, out=foreground[z, y0:y1, x0:x1])
-            # A blur of 0..255 values stays inside 0..255, so rint never wraps.
-            blurred[z, y0:y1, x0:x1] = np.rint(inner)
-    return blurred, foreground
+
+    def blur_slab(z_start: int) -> None:
+        for z in range(z_start, min(z_start + SLAB_SLICES, heat.shape[0])):
+            _blur_threshold_slice(heat[z], foreground[z], blur_sigma, foreground_threshold)
+
+    for _ in _run(pool, blur_slab, range(0, heat.shape[0], SLAB_SLICES)):
+        pass
+    return foreground
 
 
-def find_seeds(heat: np.ndarray, foreground: np.ndarray, seed_threshold: float, min_seed_size: int) -> np.ndarray:
-    """Seeds: 6-connected components of ``heat > seed_threshold`` inside ``foreground``.
+def _connected(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    labels, count = cc3d.connected_components(mask, connectivity=CONNECTIVITY, return_N=True, out_dtype=np.uint32)
+    return labels, int(count)
 
-    Returns unsigned integer (z, y, x) seed ids, 0 = no seed. Seeds smaller than
-    ``min_seed_size`` voxels are set to 0, so the ids have gaps (renumbering
-    would cost a pass over the block for nothing).
+
+def _bounding_boxes(
+    voxels: np.ndarray, component_of_voxel: np.ndarray, components: np.ndarray, shape: tuple[int, int, int]
+) -> dict[int, tuple[slice, slice, slice]]:
+    """Bounding boxes of ``components`` from the flat indices ``voxels`` and their component ids."""
+    if len(components) == 0:
+        return {}
+    chosen = np.zeros(int(component_of_voxel.max()) + 1, dtype=bool)
+    chosen[components] = True
+    wanted = chosen[component_of_voxel]
+    ids = component_of_voxel[wanted]
+    # A stable sort of integers is a radix sort: it groups the voxels by component cheaply.
+    order = np.argsort(ids, kind="stable")
+    coordinates = np.unravel_index(voxels[wanted][order], shape)
+    starts = np.searchsorted(ids[order], components)
+    lows = [np.minimum.reduceat(c, starts) for c in coordinates]
+    highs = [np.maximum.reduceat(c, starts) for c in coordinates]
+    return {
+        int(component): tuple(slice(int(low[i]), int(high[i]) + 1) for low, high in zip(lows, highs))
+        for i, component in enumerate(components.tolist())
+    }
+
+
+def seeded_watershed(
+    landscape: Callable[[tuple[slice, slice, slice]], np.ndarray],
+    foreground: np.ndarray,
+    seed_mask: np.ndarray,
+    min_seed_size: int,
+    min_size: int,
+    pool: ThreadPoolExecutor | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Objects of a block: seeded watershed inside each foreground component, small ones removed.
+
+    ``foreground``, ``seed_mask``: bool (z, y, x); seeds are the 6-connected
+    components of ``seed_mask & foreground`` of at least ``min_seed_size``
+    voxels (``seed_mask`` is and-ed with ``foreground`` in place, to spare a
+    block-sized copy). ``landscape(box)`` returns the image to flood (uint8, low = basin
+    core) over a (z, y, x) box. A component with two or more seeds is split by
+    a watershed from them; one with fewer stays one object (a faint
+    mitochondrion without a confident core is still one). Objects below
+    ``min_size`` voxels are removed. Returns uint32 (z, y, x) ids consecutive
+    from 1, 0 = background; equal to one skimage watershed over the whole
+    block (connectivity 1, mask = foreground) whose unseeded components are
+    added as objects, up to how ties on flat plateaus of the landscape are
+    broken (that depends on the order a watershed visits voxels in).
     """
-    # A seed voxel outside the foreground (a lone bright voxel that the blur
-    # pulled under the threshold) could never be flooded; the whole-block
-    # watershed ignores it too (it multiplies markers by the mask).
-    seed_mask = (heat > seed_threshold) & foreground
-    seed_labels, n_seeds = cc3d.connected_components(seed_mask, connectivity=CONNECTIVITY, return_N=True)
-    if n_seeds < np.iinfo(np.uint16).max and seed_labels.dtype != np.uint16:
-        # Seeds rarely number 65535 in a block: 2 bytes a voxel less for the rest of the block's life.
-        seed_labels = seed_labels.astype(np.uint16)
-    if n_seeds and min_seed_size > 1:
-        # Only seed voxels are touched: a few per cent of the block.
-        ids = seed_labels[seed_mask]
-        too_small = np.bincount(ids, minlength=n_seeds + 1) < min_seed_size
-        if too_small[1:].any():
-            ids[too_small[ids]] = 0
-            seed_labels[seed_mask] = ids
-    return seed_labels
+    seed_mask &= foreground
+    # The two labellings are independent: run them at once when there are threads.
+    if pool is not None:
+        seed_future = pool.submit(_connected, seed_mask)
+        labels, n_components = _connected(foreground)
+        seed_labels, n_seeds = seed_future.result()
+    else:
+        labels, n_components = _connected(foreground)
+        seed_labels, n_seeds = _connected(seed_mask)
 
-
-def segment_block(heat: np.ndarray, params: dict[str, Any] | None = None, progress: bool = False) -> np.ndarray:
-    """Instance labels of one heatmap block.
-
-    ``heat``: uint8 (z, y, x), foreground probability * 255. ``params``: the
-    ``segment`` config section (missing keys take the schema defaults).
-    Returns uint32 (z, y, x) object ids, consecutive from 1, 0 = background.
-    Sizes are in voxels at the heatmap's resolution.
-    """
-    if heat.ndim != 3 or heat.dtype != np.uint8:
-        raise ValueError(f"segment_block takes a uint8 (z, y, x) heatmap, got {heat.dtype} {heat.shape}")
-    params = with_defaults("segment", params)
-    blurred, foreground = blur_and_threshold(heat, params["blur_sigma"], params["foreground_threshold"], progress)
-    seed_labels = find_seeds(heat, foreground, params["seed_threshold"], params["min_seed_size"])
-
-    # The foreground labels become the output in place: components with fewer
-    # than two seeds keep their component id; the watershed regions of the
-    # others get ids n_components + seed id, so no two objects share an id.
-    labels, n_components = cc3d.connected_components(
-        foreground, connectivity=CONNECTIVITY, return_N=True, out_dtype=np.uint32
-    )
-    # Counting over foreground voxels only is ~10x cheaper than over the block.
-    component_sizes = np.bincount(labels[foreground], minlength=n_components + 1)
-    del foreground
-    seed_voxels = seed_labels != 0
-    seed_ids = seed_labels[seed_voxels]
-    n_seed_ids = int(seed_ids.max()) if len(seed_ids) else 0
-    component_of_seed = np.zeros(n_seed_ids + 1, dtype=np.int64)
-    component_of_seed[seed_ids] = labels[seed_voxels]
-    del seed_voxels, seed_ids
-    seeds_per_component = np.bincount(component_of_seed[1:], minlength=n_components + 1)
-    seeds_per_component[0] = 0  # gaps in the seed ids map to component 0
+    # Foreground is a few per cent of the block and seeds fewer still: the
+    # statistics are taken over their voxels' flat indices, not the block.
+    foreground_voxels = np.flatnonzero(foreground)
+    component_of_voxel = labels.reshape(-1)[foreground_voxels]
+    seed_voxels = np.flatnonzero(seed_mask)
+    seed_of_voxel = seed_labels.reshape(-1)[seed_voxels]
+    seed_sizes = np.bincount(seed_of_voxel, minlength=n_seeds + 1)
+    component_of_seed = np.zeros(n_seeds + 1, dtype=np.int64)
+    component_of_seed[seed_of_voxel] = labels.reshape(-1)[seed_voxels]
+    del seed_voxels, seed_of_voxel
+    big_seed = seed_sizes >= max(1, min_seed_size)
+    big_seed[0] = False
+    seeds_per_component = np.bincount(component_of_seed[big_seed], minlength=n_components + 1)
     multi_seed = np.flatnonzero(seeds_per_component >= 2)
 
-    sizes = np.zeros(n_components + n_seed_ids + 1, dtype=np.int64)
-    sizes[: n_components + 1] = component_sizes
-    boxes = ndimage.find_objects(labels) if len(multi_seed) else []
-    for component in tqdm(multi_seed, desc="watershed", unit="object", file=sys.stderr, disable=not progress):
-        box = boxes[component - 1]
+    # Region ids: components keep theirs; the watershed regions of component c
+    # get n_components + seed id, so no two objects share an id.
+    sizes = np.zeros(n_components + n_seeds + 1, dtype=np.int64)
+    sizes[: n_components + 1] = np.bincount(component_of_voxel, minlength=n_components + 1)
+    boxes = _bounding_boxes(foreground_voxels, component_of_voxel, multi_seed, labels.shape)
+    del foreground_voxels, component_of_voxel
+
+    def flood(component: int) -> tuple[int, np.ndarray]:
+        box = boxes[component]
         box_labels = labels[box]  # a view: writing it writes the output
         inside = box_labels == component
-        markers = np.where(inside, seed_labels[box], 0)
-        # Inverted blurred heatmap: basins are the confident cores; uint8 keeps
-        # the landscape small (skimage converts only this box to float64).
-        landscape = 255 - blurred[box]
-        regions = watershed(landscape, markers, mask=inside, connectivity=1)
+        box_seeds = seed_labels[box]
+        markers = np.where(inside & big_seed[box_seeds], box_seeds, 0)
+        regions = watershed(landscape(box), markers, mask=inside, connectivity=1)
         region_ids = regions[inside].astype(np.int64)
+        # Threads write disjoint voxels (each its own component's); new ids are
+        # above n_components, so they never read as another component.
         box_labels[inside] = region_ids + n_components
-        sizes[component] = 0
-        sizes[n_components + 1 :] += np.bincount(region_ids, minlength=n_seed_ids + 1)[1:]
+        return component, np.bincount(region_ids, minlength=n_seeds + 1)
 
-    # A foreground component without any seed stays an object (when large
-    # enough): a faint mitochondrion with no high-confidence core is still one.
+    floods = _run(pool, flood, multi_seed.tolist())
+    for component, region_sizes in tqdm(
+        floods, total=len(multi_seed), desc="watershed", unit="object", file=sys.stderr, disable=not progress
+    ):
+        sizes[component] = 0
+        sizes[n_components + 1 :] += region_sizes[1:]
+
     # Size filter and consecutive renumbering in one table lookup.
-    keep = sizes >= max(1, params["min_size"])
+    keep = sizes >= max(1, min_size)
     keep[0] = False
     lut = np.zeros(len(sizes), dtype=np.uint32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
     return apply_lut(labels, lut)
 
 
-def heat_channel(path: Any, attrs: dict[str, Any], shape: tuple[int, ...], name: str = HEAT_CHANNEL) -> int:
+def _check_heat(heat: np.ndarray, name: str) -> None:
+    if heat.ndim != 3 or heat.dtype != np.uint8:
+        raise ValueError(f"{name} must be a uint8 (z, y, x) heatmap 0-255, got {heat.dtype} {heat.shape}")
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor | None:
+    workers = worker_count(threads)
+    return ThreadPoolExecutor(workers, thread_name_prefix="segment") if workers > 1 else None
+
+
+def segment_block(heat: np.ndarray, params: dict[str, Any] | None = None, progress: bool = False) -> np.ndarray:
+    """``heat_watershed``: instance labels of one heatmap block.
+
+    ``heat``: uint8 (z, y, x), foreground probability * 255. ``params``: the
+    ``segment`` config section (missing keys take the schema defaults).
+    Returns uint32 (z, y, x) object ids, consecutive from 1, 0 = background.
+    Sizes are in voxels at the heatmap's resolution.
+    """
+    _check_heat(heat, "heat")
+    params = with_defaults("segment", params)
+    sigma = params["blur_sigma"]
+    pool = _thread_pool(params["threads"])
+    try:
+        foreground = blur_and_threshold(heat, sigma, params["foreground_threshold"], pool)
+        seed_mask = heat > params["seed_threshold"]
+
+        def landscape(box: tuple[slice, slice, slice]) -> np.ndarray:
+            # Inverted blurred heat, rounded to uint8 as the heat itself is.
+            smooth = blur_box(heat, box, sigma) if sigma > 0 else heat[box]
+            return 255 - np.rint(smooth).astype(np.uint8)
+
+        return seeded_watershed(
+            landscape, foreground, seed_mask, params["min_seed_size"], params["min_size"], pool, progress
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def bc_watershed(
+    binary: np.ndarray, contour: np.ndarray, params: dict[str, Any] | None = None, progress: bool = False
+) -> np.ndarray:
+    """``bc_watershed``: instance labels from binary (foreground) and contour heatmaps.
+
+    ``binary``, ``contour``: uint8 (z, y, x), probability * 255. Foreground is
+    ``binary > bc_foreground``; seeds are the 6-connected components of
+    ``(binary > bc_seed_foreground) & (contour < bc_seed_contour)`` with at
+    least ``bc_min_seed_size`` voxels; the watershed floods the inverted binary
+    map inside the foreground; objects below ``bc_min_size`` are removed.
+    Returns uint32 (z, y, x) ids consecutive from 1.
+    """
+    _check_heat(binary, "binary")
+    _check_heat(contour, "contour")
+    if binary.shape != contour.shape:
+        raise ValueError(f"binary {binary.shape} and contour {contour.shape} differ in shape")
+    params = with_defaults("segment", params)
+    pool = _thread_pool(params["threads"])
+    try:
+        foreground = binary > params["bc_foreground"]
+        seed_mask = binary > params["bc_seed_foreground"]
+        seed_mask &= contour < params["bc_seed_contour"]
+
+        def landscape(box: tuple[slice, slice, slice]) -> np.ndarray:
+            return 255 - binary[box]
+
+        return seeded_watershed(
+            landscape, foreground, seed_mask, params["bc_min_seed_size"], params["bc_min_size"], pool, progress
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def decode(channels: dict[str, np.ndarray], params: dict[str, Any] | None = None, progress: bool = False) -> np.ndarray:
+    """Instance labels from a block's heat channels ({name: uint8 (z, y, x)}) with ``segment.decoder``."""
+    params = with_defaults("segment", params)
+    if params["decoder"] == "bc_watershed":
+        return bc_watershed(channels[HEAT_CHANNEL], channels[CONTOUR_CHANNEL], params, progress)
+    return segment_block(channels[HEAT_CHANNEL], params, progress)
+
+
+def heat_channel(path: Any, attrs: dict[str, Any], shape: tuple[int, ...], name: str = HEAT_CHANNEL, decoder: str = "heat_watershed") -> int:
     """Index of channel ``name`` in a heat file's (channel, z, y, x) dataset."""
     if len(shape) != 4:
         raise EmmitoError(
@@ -192,24 +390,33 @@ def heat_channel(path: Any, attrs: dict[str, Any], shape: tuple[int, ...], name:
         )
     channels = attrs.get("channels")
     if channels is None:  # a one-channel heatmap from elsewhere: take it as the foreground
-        channels = [name] if shape[0] == 1 else []
+        channels = [HEAT_CHANNEL] if shape[0] == 1 else []
     channels = [str(c) for c in channels]
     if name not in channels:
-        raise EmmitoError(f"{path}: no '{name}' channel (attr channels = {channels}): rerun infer with a binary model")
+        need = " and ".join(f"'{c}'" for c in DECODER_CHANNELS[decoder])
+        raise EmmitoError(
+            f"{path}: no '{name}' channel (attr channels = {channels}); segment.decoder {decoder} needs {need}: "
+            + ("use segment.decoder heat_watershed or infer with a binary + contour model" if decoder == "bc_watershed"
+               else "rerun infer with a model that predicts the foreground")
+        )
     return channels.index(name)
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito segment HEAT OUT``: heat/block_{b}.h5 -> seg/block_{b}.h5 (block-local ids)."""
+    keep_freed_memory()
+    section = params["segment"]
+    decoder = section["decoder"]
     with open_volume(args.heat) as ds:
         attrs = volume_attrs(ds)
         if ds.dtype != np.uint8:
             raise EmmitoError(f"{args.heat}: heatmap is {ds.dtype}, not uint8 0-255: rerun emmito merge to rewrite it")
-        channel = heat_channel(args.heat, attrs, ds.shape)
-        heat = ds[channel]
-    labels = segment_block(heat, params["segment"], progress=True)
-    del heat
-    print(f"emmito segment: {int(labels.max())} objects in {labels.shape[0]} slices", file=sys.stderr)
+        channels = {
+            name: ds[heat_channel(args.heat, attrs, ds.shape, name, decoder)] for name in DECODER_CHANNELS[decoder]
+        }
+    labels = decode(channels, section, progress=True)
+    del channels
+    print(f"emmito segment: {int(labels.max())} objects in {labels.shape[0]} slices ({decoder})", file=sys.stderr)
     kept = {k: attrs[k] for k in ("volume_depth", "downsample_xy") if k in attrs}
     with create_volume(
         args.out, labels.shape, np.uint32, voxel_size=attrs["voxel_size"], offset=attrs["offset"], attrs=kept
