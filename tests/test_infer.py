@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -14,20 +15,34 @@ import torch
 from emmito import __version__, io
 from emmito.config import section_defaults
 from emmito.infer import (
+    AlignedWriter,
+    chunk_z_starts,
     infer_chunk,
     load_checkpoint,
     mean_pool_xy,
     predict_slices,
+    predict_tiles,
     reflect_index,
     run_cli,
     to_heat,
+    tta_variants,
     window_starts,
+    window_stride,
 )
 from emmito.io import EmmitoError
 from emmito.model import build_model
 from emmito.train import save_checkpoint
 
 TINY = dict(filters=[2, 4], conv3d_from_level=0, pool_z_from_level=0, patch=[4, 8, 8])
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Tiny convolutions on a shared 2-core machine run several times faster on one thread than on two.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def params(model: dict | None = None, infer: dict | None = None) -> dict:
@@ -78,8 +93,9 @@ def test_blending_is_normalised_and_reflection_aligned(shape, patch):
     np.testing.assert_allclose(probability[0], expected_identity(image[2:-1]), atol=2e-6)
 
 
-def test_chunked_inference_equals_whole_volume_inference_for_any_chunk_size():
-    depth = 11
+@pytest.mark.parametrize("overlap, batch_size, prefetch", [(0.5, 3, 2), (0.25, 4, 1), (0.75, 5, 3), (0.0, 2, 2)])
+def test_chunked_inference_equals_whole_volume_inference_for_any_chunk_size(overlap, batch_size, prefetch):
+    depth, patch_z = 11, TINY["patch"][0]
     image = np.random.default_rng(0).integers(0, 256, (depth, 10, 13), dtype=np.uint8)
     model = tiny_model()
     reads: list[tuple[int, int]] = []
@@ -88,20 +104,191 @@ def test_chunked_inference_equals_whole_volume_inference_for_any_chunk_size():
         reads.append((a, b))
         return image[a:b]
 
-    whole = to_heat(predict_slices(model, read, depth, 0, depth, TINY["patch"], 0.5, 4, progress=False))
+    whole = to_heat(predict_slices(model, read, depth, 0, depth, TINY["patch"], overlap, 4, progress=False))
     assert whole.std() > 5, "the tiny model must give a non-trivial heatmap for this test to mean anything"
-    for chunk_slices in (1, 3, 5):
-        cfg = params(infer={"chunk_slices": chunk_slices, "batch_size": 3})
-        reads.clear()
-        chunks = [infer_chunk(model, read, depth, c, cfg["model"], cfg["infer"])[0] for c in range(-(-depth // chunk_slices))]
+    # 1, a divisor-free 3, 4 and 5 (none divides 11) and the whole depth as one chunk.
+    for chunk_slices in (1, 3, 4, 5, 11):
+        cfg = params(infer={"chunk_slices": chunk_slices, "batch_size": batch_size, "tile_overlap": overlap,
+                            "prefetch_batches": prefetch})
+        chunks = []
+        for c in range(-(-depth // chunk_slices)):
+            reads.clear()
+            chunks.append(infer_chunk(model, read, depth, c, cfg["model"], cfg["infer"], progress=False)[0])
+            start, stop = c * chunk_slices, min((c + 1) * chunk_slices, depth)
+            # Each slice of the chunk plus its halo (less than a window each side) is read once, in increasing runs.
+            slices_read = [z for a, b in reads for z in range(a, b)]
+            assert slices_read == sorted(set(slices_read)), f"chunk {c} read a slice twice: {reads}"
+            assert set(range(start, stop)) <= set(slices_read)
+            assert min(slices_read) >= start - patch_z and max(slices_read) < stop + patch_z
         stitched = np.concatenate(chunks, axis=1)
         assert stitched.shape == whole.shape
-        assert np.abs(stitched.astype(int) - whole.astype(int)).max() <= 1
-        # Each chunk reads its slices plus a halo of less than a window, never the whole volume.
-        for c, (a, b) in enumerate(reads):
-            start, stop = c * chunk_slices, min((c + 1) * chunk_slices, depth)
-            assert a <= start and b >= stop and (b - a) - (stop - start) <= 2 * TINY["patch"][0]
-        assert any(b - a < depth for a, b in reads)
+        assert np.abs(stitched.astype(int) - whole.astype(int)).max() <= 1, f"seam at chunk_slices={chunk_slices}"
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts the tiles and batches it is asked for."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.tiles = 0
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tiles += x.shape[0]
+        self.calls += 1
+        return self.model(x)
+
+
+def test_within_a_chunk_each_window_runs_exactly_once():
+    depth, patch = 11, TINY["patch"]
+    image = np.random.default_rng(3).integers(0, 256, (depth, 10, 13), dtype=np.uint8)
+    counting = CountingModel(tiny_model())
+    z_start, z_stop = 4, 8
+    predict_slices(counting, lambda a, b: image[a:b], depth, z_start, z_stop, patch, 0.5, 3, progress=False)
+    windows_yx = len(window_starts(10, 8, window_stride(8, 0.5))) * len(window_starts(13, 8, window_stride(8, 0.5)))
+    z_rows = chunk_z_starts(depth, z_start, z_stop, patch[0], 0.5)
+    assert list(z_rows) == [2, 4, 6]  # the grid over 11 slices starts at 0, 2, .., 8; these touch [4, 8)
+    assert counting.tiles == len(z_rows) * windows_yx == 3 * 6
+    assert counting.calls == -(-counting.tiles // 3)
+
+
+def test_tta_variants_are_flips_then_transposes_then_z_flips():
+    assert tta_variants(1) == [(False, False, False, False)]
+    four, eight, sixteen = tta_variants(4), tta_variants(8), tta_variants(16)
+    assert len(set(sixteen)) == 16 and sixteen[:8] == eight and eight[:4] == four
+    assert not any(z or transpose for z, _, _, transpose in four)
+    assert not any(z for z, _, _, _ in eight) and sum(t for *_, t in eight) == 4
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta_variants(3)
+
+
+def explicit_tta_mean(model: torch.nn.Module, tiles: np.ndarray, count: int) -> np.ndarray:
+    """All variants' probabilities held at once, each undone with numpy, then averaged (float64)."""
+    outputs = []
+    for flip_z, flip_y, flip_x, transpose in tta_variants(count):
+        axes = tuple(axis for axis, flip in ((2, flip_z), (3, flip_y), (4, flip_x)) if flip)
+        augmented = np.flip(tiles, axes) if axes else tiles
+        if transpose:
+            augmented = augmented.swapaxes(3, 4)
+        with torch.inference_mode():
+            probability = torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(augmented)))).numpy()
+        if transpose:
+            probability = probability.swapaxes(3, 4)
+        outputs.append(np.flip(probability, axes) if axes else probability)
+    return np.mean(np.stack(outputs).astype(np.float64), axis=0)
+
+
+@pytest.mark.parametrize("count", [4, 8, 16])
+def test_tta_running_mean_equals_the_mean_of_the_variants(count):
+    model = tiny_model(seed=4)
+    # A non-square patch, so that undoing the transpose in the wrong order would fail on shape or values.
+    tiles = np.random.default_rng(5).normal(size=(2, 1, 4, 8, 16)).astype(np.float32)
+    with torch.inference_mode():
+        running = predict_tiles(model, torch.from_numpy(tiles), count).numpy()
+        plain = predict_tiles(model, torch.from_numpy(tiles), 1).numpy()
+    assert running.shape == (2, 1, 4, 8, 16)
+    np.testing.assert_allclose(running, explicit_tta_mean(model, tiles, count), atol=2e-6)
+    assert np.abs(running - plain).max() > 1e-2, "this model is not equivariant, so TTA must change its answer"
+
+
+def test_tta_with_an_equivariant_model_changes_nothing():
+    image = np.random.default_rng(6).integers(0, 256, (9, 12, 10), dtype=np.uint8)
+    plain = predict_slices(Identity(), lambda a, b: image[a:b], 9, 2, 7, TINY["patch"], 0.5, 4, progress=False)
+    augmented = predict_slices(Identity(), lambda a, b: image[a:b], 9, 2, 7, TINY["patch"], 0.5, 4, progress=False, tta=16)
+    np.testing.assert_allclose(augmented, plain, atol=1e-6)
+    np.testing.assert_allclose(augmented[0], expected_identity(image[2:7]), atol=2e-6)
+
+
+def test_tta_chunk_follows_the_config_key():
+    depth = 7
+    image = np.random.default_rng(7).integers(0, 256, (depth, 10, 12), dtype=np.uint8)
+    model = tiny_model(seed=8)
+    cfg = params(infer={"chunk_slices": 3, "tta": 8})
+    heat, offset = infer_chunk(model, lambda a, b: image[a:b], depth, 1, cfg["model"], cfg["infer"], progress=False)
+    expected = predict_slices(model, lambda a, b: image[a:b], depth, 3, 6, TINY["patch"], 0.5, 4, progress=False, tta=8)
+    plain = predict_slices(model, lambda a, b: image[a:b], depth, 3, 6, TINY["patch"], 0.5, 4, progress=False)
+    assert offset == 3 and np.abs(heat.astype(int) - to_heat(expected).astype(int)).max() <= 1
+    assert np.abs(heat.astype(int) - to_heat(plain).astype(int)).max() > 1
+
+
+def test_finished_slices_are_handed_on_in_order_as_rows_finish():
+    depth = 20
+    image = np.random.default_rng(9).integers(0, 256, (depth, 8, 8), dtype=np.uint8)
+    runs: list[tuple[int, np.ndarray]] = []
+    result = predict_slices(
+        tiny_model(), lambda a, b: image[a:b], depth, 2, 18, TINY["patch"], 0.5, 1, progress=False,
+        on_slices=lambda first, part: runs.append((first, part.copy())),
+    )
+    firsts = [first for first, _ in runs]
+    assert firsts == sorted(firsts) and firsts[0] == 0 and len(runs) > 3  # streamed, not all at the end
+    assert [first + part.shape[1] for first, part in runs[:-1]] == firsts[1:]
+    np.testing.assert_array_equal(np.concatenate([part for _, part in runs], axis=1), result)
+
+
+def pipeline_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("emmito-infer")]
+
+
+class Broken(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("model exploded")
+
+
+def test_a_failure_in_any_thread_reaches_the_caller_and_stops_the_others():
+    image = np.random.default_rng(10).integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    calls: list[int] = []
+
+    def failing_read(a: int, b: int) -> np.ndarray:
+        calls.append(a)
+        if len(calls) > 1:
+            raise OSError("disk went away")
+        return image[a:b]
+
+    def run(model=None, read=None, **kwargs):
+        predict_slices(model or tiny_model(), read or (lambda a, b: image[a:b]), 30, 0, 30, TINY["patch"], 0.5, 1,
+                       progress=False, prefetch_batches=1, **kwargs)
+
+    with pytest.raises(OSError, match="disk went away"):
+        run(read=failing_read)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        run(model=Broken())
+
+    def failing_write(first: int, part: np.ndarray) -> None:
+        raise EmmitoError("out.h5: no space left")
+
+    with pytest.raises(EmmitoError, match="no space left"):
+        run(on_slices=failing_write)
+    assert pipeline_threads() == []
+
+
+class RecordingDataset:
+    """Stands in for an h5py dataset with z-chunks of 4: records the z-ranges written."""
+
+    chunks = (1, 4, 8, 8)
+
+    def __init__(self, depth: int):
+        self.data = np.zeros((1, depth, 8, 8), np.uint8)
+        self.writes: list[tuple[int, int]] = []
+
+    def __setitem__(self, key: tuple, value: np.ndarray) -> None:
+        self.data[key] = value
+        self.writes.append((key[1].start, key[1].stop))
+
+
+def test_heat_is_written_in_whole_hdf5_chunks():
+    heat = np.random.default_rng(11).integers(0, 256, (1, 17, 8, 8), dtype=np.uint8)
+    dataset = RecordingDataset(17)
+    writer = AlignedWriter(dataset)
+    first = 0
+    for count in (3, 2, 6, 1, 5):
+        writer(first, heat[:, first : first + count])
+        first += count
+    writer.close()
+    assert dataset.writes == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 17)]
+    np.testing.assert_array_equal(dataset.data, heat)
+    with pytest.raises(ValueError, match="in order"):
+        AlignedWriter(RecordingDataset(8))(4, heat[:, :2])
 
 
 def test_mean_pool_xy_averages_blocks_and_edge_remainders():

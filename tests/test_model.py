@@ -60,3 +60,35 @@ def test_a_patch_that_does_not_pool_evenly_names_model_patch():
     check_patch((16, 128, 128), config)
     with pytest.raises(EmmitoError, match=r"model\.patch is \[15, 100, 128\].*z divisible by 2 and y, x by 8.*\[16, 104, 128\]"):
         check_patch((15, 100, 128), config)
+
+
+def test_deep_supervision_heads_are_trained_outputs_that_inference_ignores():
+    torch.manual_seed(0)
+    config = model_config(filters=[2, 4, 8, 8], conv3d_from_level=1, pool_z_from_level=1, deep_supervision=5, target="binary_contour")
+    model = build_model(config).eval()
+    x = torch.randn(1, 1, 4, 16, 16)
+    main, aux = model.forward_with_aux(x)
+    # At most one head per coarse decoder level (levels - 2 of them), upsampled to the patch, 2 channels each.
+    assert len(aux) == 2 and all(a.shape == (1, 2, 4, 16, 16) for a in aux)
+    assert main.shape == (1, 2, 4, 16, 16) and torch.equal(model(x), main)
+    assert not torch.equal(aux[0], aux[1])
+    plain = build_model({**config, "deep_supervision": 0})
+    assert not any(k.startswith("aux_heads") for k in plain.state_dict())
+
+
+def test_flip_average_is_flip_invariant_and_returns_logits():
+    from emmito.model import FlipAverage
+
+    torch.manual_seed(0)
+    model = build_model(model_config(filters=[2, 4], conv3d_from_level=1, pool_z_from_level=1)).eval()
+    tta = FlipAverage(model)
+    x = torch.randn(1, 1, 2, 8, 8)
+    with torch.no_grad():
+        out = tta(x)
+        assert torch.allclose(tta(x.flip(4)).flip(4), out, atol=1e-5)
+        assert torch.allclose(tta(x.transpose(3, 4)).transpose(3, 4), out, atol=1e-5)
+        # One transform = the model itself, through sigmoid and back.
+        assert torch.allclose(FlipAverage(model, transforms=1)(x), model(x), atol=1e-4)
+        # skeleton_distance: sigmoid of the result is the mean of (tanh + 1) / 2.
+        single = FlipAverage(model, "skeleton_distance", transforms=1)(x)
+        assert torch.allclose(torch.sigmoid(single), (torch.tanh(model(x)) + 1) / 2, atol=1e-5)

@@ -12,7 +12,7 @@ from emmito import cli
 from emmito.config import with_defaults
 from emmito.evaluate import instance_f1
 from emmito.io import read_volume, write_volume
-from emmito.segment import bc_watershed, blur_and_threshold, blur_box, decode, segment_block
+from emmito.segment import bc_watershed, blur_and_threshold, blur_box, decode, flood_box, segment_block
 
 SMALL = {"min_size": 20, "min_seed_size": 4}
 
@@ -116,6 +116,23 @@ def test_fast_path_equals_whole_block_watershed():
     # The case must exercise the flood: more objects than foreground components.
     components = cc3d.connected_components(fast > 0, connectivity=6).max()
     assert fast.max() > components + 3
+
+
+def test_flood_box_equals_skimage_watershed_voxel_for_voxel():
+    rng = np.random.default_rng(5)
+    # Coarse levels make wide plateaus, where only the visiting order breaks ties.
+    landscape = (rng.integers(0, 4, size=(9, 23, 31)) * 60).astype(np.uint8)
+    inside = rng.random(landscape.shape) < 0.8
+    inside[:, 0, :] = True  # reaches the box faces, where the margin must hold
+    coordinates = np.nonzero(inside & (rng.random(landscape.shape) < 0.01))
+    ids = np.arange(1, len(coordinates[0]) + 1, dtype=np.int32)
+    markers = np.zeros(landscape.shape, np.int32)
+    markers[coordinates] = ids
+    regions, mask = flood_box(landscape, inside, coordinates, ids)
+    reference = watershed(landscape, markers, mask=inside, connectivity=1)
+    assert len(ids) > 10 and len(np.unique(reference)) > 10
+    assert np.array_equal(regions, reference)
+    assert np.array_equal(mask, inside)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 2.5])

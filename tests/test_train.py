@@ -14,10 +14,12 @@ from emmito import io
 from emmito.config import section_defaults
 from emmito.infer import load_checkpoint, predict_slices
 from emmito.io import EmmitoError
+from emmito.infer import mean_pool_xy
 from emmito.train import (
     PatchSampler,
     binary_target,
     learning_rate_factor,
+    pool_volume,
     run_cli,
     save_checkpoint,
     train_model,
@@ -76,7 +78,7 @@ def test_foreground_patches_hold_foreground_and_small_volumes_are_padded():
     rng = np.random.default_rng(0)
     for _ in range(20):
         patch_image, target = sampler.sample(rng)
-        assert patch_image.shape == target.shape == (4, 16, 16)
+        assert patch_image.shape == (4, 16, 16) and target.shape == (1, 4, 16, 16)
         assert target.any()
 
 
@@ -91,6 +93,7 @@ def test_three_iterations_give_a_byte_identical_checkpoint(tmp_path):
     assert digests[0] != digests[2]
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
     assert ["val_iou" in m for m in metrics] == [False, True, True]
+    assert all(0.0 <= m["val_f1"] <= 1.0 for m in metrics if "val_f1" in m)
     assert [m["lr"] for m in metrics] == pytest.approx([0.001, 0.002, 0.002])
     assert checkpoint["channels"] == ["foreground"] and checkpoint["input_norm"] == {"mean": 127.5, "std": 127.5}
     assert set(checkpoint) >= {"model_config", "target", "state_dict", "last_state_dict", "iteration", "emmito_version"}
@@ -129,6 +132,7 @@ def test_train_cli_writes_checkpoint_and_metrics(tmp_path):
     assert [line["iteration"] for line in lines] == [1, 2] and all("loss" in line and "seconds" in line for line in lines)
     _, checkpoint = load_checkpoint(args.checkpoint, params()["model"])
     assert checkpoint["iteration"] == 2 and "last_state_dict" not in checkpoint
+    # The resume state is removed once the checkpoint is written.
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
 
 
@@ -141,3 +145,62 @@ def test_image_and_label_of_different_shapes_are_refused(tmp_path):
     with pytest.raises(EmmitoError, match=r"label\.h5 is 8x30x32 but .*image\.h5 is 8x32x32"):
         run_cli(args, params())
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_resume_after_preemption_gives_the_same_weights_as_one_run(tmp_path):
+    volume = blob_volume(0)
+    cfg = params(iterations=4, warmup_iterations=2, save_every=1, augment_kinds=["flip", "rot90", "intensity", "elastic", "noise"])
+    whole, whole_metrics = train_model([volume], [], cfg, progress=False)
+    state = tmp_path / "ckpt.pt.resume"
+    half, _ = train_model([volume], [], cfg, progress=False, resume_path=state, stop_after=2)
+    assert half["iteration"] == 2 and state.exists()
+    assert not all(torch.equal(half["state_dict"][k], whole["state_dict"][k]) for k in whole["state_dict"])
+    resumed, resumed_metrics = train_model([volume], [], cfg, progress=False, resume_path=state)
+    assert resumed["iteration"] == 4
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert [(m["loss"], m["lr"]) for m in resumed_metrics] == [(m["loss"], m["lr"]) for m in whole_metrics]
+    # A state from another config is not resumed (it starts over, so the result equals a fresh run).
+    other = params(seed=1, iterations=4, warmup_iterations=2, save_every=1)
+    fresh, _ = train_model([volume], [], other, progress=False)
+    from_stale, _ = train_model([volume], [], other, progress=False, resume_path=state)
+    assert all(torch.equal(fresh["state_dict"][k], from_stale["state_dict"][k]) for k in fresh["state_dict"])
+
+
+def test_training_sees_the_inference_scale(monkeypatch):
+    image, label = blob_volume(0, shape=(4, 8, 8))
+    pooled_image, pooled_label = pool_volume(image, label, 2)
+    assert np.array_equal(pooled_image, mean_pool_xy(image, 2)) and pooled_image.shape == (4, 4, 4)
+    assert pooled_label.shape == (4, 4, 4) and pooled_label.dtype == label.dtype
+    # Mode pooling: a 2x2 block with any labelled voxel takes its most frequent label.
+    block = np.array([[[0, 3], [3, 5]]], np.uint32)
+    assert pool_volume(np.zeros((1, 2, 2), np.uint8), block, 2)[1].tolist() == [[[3]]]
+    assert pool_volume(np.zeros((1, 4, 4), np.uint8), np.full((1, 4, 4), 7, np.uint32), 4)[1].tolist() == [[[7]]]
+
+    seen = []
+    original = PatchSampler.__init__
+
+    def spy(self, volumes, *args, **kwargs):
+        seen.extend((v[0].shape, v[0].dtype) for v in volumes)
+        original(self, volumes, *args, **kwargs)
+
+    monkeypatch.setattr(PatchSampler, "__init__", spy)
+    cfg = params(iterations=1)
+    cfg["infer"]["downsample_xy"] = 2
+    checkpoint, _ = train_model([blob_volume(0, shape=(8, 64, 64))], [], cfg, progress=False)
+    assert seen == [((8, 32, 32), np.float32)] and checkpoint["downsample_xy"] == 2
+
+
+@pytest.mark.parametrize("target", ["binary_contour", "skeleton_distance"])
+def test_other_targets_train_with_deep_supervision_and_tensorboard(tmp_path, target):
+    pytest.importorskip("tensorboard")
+    cfg = params(iterations=2, val_every=2, warmup_iterations=1)
+    cfg["model"] = {**cfg["model"], "target": target, "deep_supervision": 1, "filters": [4, 8, 8]}
+    cfg["train"]["loss_weights"] = {**cfg["train"]["loss_weights"], "skeleton_distance": {"ohem_mse": 1.0, "ohem_bce": 1.0, "mse": 0.5}}
+    checkpoint, metrics = train_model([blob_volume(0)], [blob_volume(1)], cfg, progress=False, tensorboard_dir=tmp_path / "tb")
+    channels = 2 if target == "binary_contour" else 1
+    assert checkpoint["state_dict"]["head.weight"].shape[0] == channels
+    assert any(k.startswith("aux_heads.0") for k in checkpoint["state_dict"])
+    assert checkpoint["channels"] == (["foreground", "contour"] if target == "binary_contour" else ["skeleton_distance"])
+    assert np.isfinite(metrics[-1]["loss"]) and "val_iou" in metrics[-1]
+    assert any((tmp_path / "tb").iterdir())

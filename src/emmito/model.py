@@ -5,7 +5,10 @@ levels convolve in-plane only (1x3x3) and pool y and x only; deeper levels, wher
 the voxels have become roughly isotropic, use 3x3x3 and also pool z. Decoder
 levels upsample, project with a 1x1x1 convolution and add the encoder's skip
 (as PyTC's residual U-Nets do), which costs less than concatenation on CPU.
-The network returns logits, one channel per target channel.
+The network returns logits, one channel per target channel (the 1x1x1 head is
+one independent linear head per channel). Optional auxiliary heads on the
+coarser decoder levels (deep supervision, as unetv3) are trained through
+``forward_with_aux`` and ignored by ``forward``, which inference calls.
 """
 
 from __future__ import annotations
@@ -17,16 +20,12 @@ import torch
 from torch import nn
 
 from emmito.io import EmmitoError
+from emmito.targets import TARGET_CHANNELS, output_to_probability, target_channels
+
+__all__ = ["TARGET_CHANNELS", "output_to_probability", "target_channels", "UNet3D", "build_model", "FlipAverage"]
 
 # The model-config keys that fix the architecture; a checkpoint must agree with the config on these.
 ARCHITECTURE_KEYS = ("filters", "conv3d_from_level", "pool_z_from_level", "norm", "upsample", "target")
-
-TARGET_CHANNELS = {"binary": ["foreground"]}
-
-
-def target_channels(target: str) -> list[str]:
-    """Names of the output channels the target ``target`` predicts (``binary`` -> ``["foreground"]``)."""
-    return list(TARGET_CHANNELS[target])
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -78,6 +77,7 @@ class UNet3D(nn.Module):
         pool_z_from_level: int = 2,
         norm: str = "group",
         upsample: str = "trilinear",
+        deep_supervision: int = 0,
     ):
         super().__init__()
         self.levels = len(filters)
@@ -111,8 +111,19 @@ class UNet3D(nn.Module):
             kernel, padding = _kernel(level, conv3d_from_level)
             self.decoders.append(ResidualBlock(filters[level], filters[level], kernel, padding, norm))
         self.head = nn.Conv3d(filters[0], out_channels, 1)
+        # Auxiliary heads on the first (coarsest) decoder outputs, at most one per coarse level.
+        aux_count = min(deep_supervision, self.levels - 2)
+        self.aux_heads = nn.ModuleList(
+            nn.Conv3d(filters[level], out_channels, 1) for level in range(self.levels - 2, self.levels - 2 - aux_count, -1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_aux(x, with_aux=False)[0]
+
+    def forward_with_aux(self, x: torch.Tensor, with_aux: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits (batch, channels, z, y, x), auxiliary logits upsampled to the same shape, coarsest first)."""
+        size = x.shape[2:]
+        aux: list[torch.Tensor] = []
         x = self.stem(x)
         skips = []
         for level, encoder in enumerate(self.encoders):
@@ -128,7 +139,10 @@ class UNet3D(nn.Module):
                 # 1x1x1 conv runs on the coarse grid and fewer channels get interpolated.
                 x = nn.functional.interpolate(up(x), scale_factor=self.scales[level], mode=self.upsample_mode)
             x = decoder(x + skip)
-        return self.head(x)
+            if with_aux and len(aux) < len(self.aux_heads):
+                coarse = self.aux_heads[len(aux)](x)
+                aux.append(nn.functional.interpolate(coarse, size=size, mode="trilinear"))
+        return self.head(x), aux
 
 
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
@@ -140,7 +154,38 @@ def build_model(model_cfg: dict[str, Any]) -> nn.Module:
         pool_z_from_level=model_cfg["pool_z_from_level"],
         norm=model_cfg["norm"],
         upsample=model_cfg.get("upsample", "trilinear"),
+        deep_supervision=model_cfg.get("deep_supervision", 0),
     )
+
+
+class FlipAverage(nn.Module):
+    """Test-time augmentation: averages ``model``'s probabilities over y/x flips and the yx transpose.
+
+    Returns logits again (the inverse sigmoid of the mean probability), so it
+    drops into code that applies a sigmoid, e.g. ``infer.predict_slices``.
+    ``target`` picks the output-to-probability map (``output_to_probability``).
+    """
+
+    def __init__(self, model: nn.Module, target: str = "binary", transforms: int = 8):
+        super().__init__()
+        self.model, self.target, self.transforms = model, target, transforms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        count = 0
+        for transpose in (False, True):
+            for flip_dims in ((), (3,), (4,), (3, 4)):
+                if count >= self.transforms or (transpose and x.shape[3] != x.shape[4]):
+                    continue
+                view = x.transpose(3, 4) if transpose else x
+                view = view.flip(flip_dims) if flip_dims else view
+                probability = output_to_probability(self.model(view), self.target)
+                probability = probability.flip(flip_dims) if flip_dims else probability
+                probability = probability.transpose(3, 4) if transpose else probability
+                total = probability if total is None else total + probability
+                count += 1
+        mean = (total / count).clamp(1e-6, 1 - 1e-6)
+        return torch.log(mean) - torch.log1p(-mean)
 
 
 def patch_divisors(model_cfg: dict[str, Any]) -> tuple[int, int, int]:

@@ -8,9 +8,15 @@ Two decoders, selected by ``segment.decoder``:
   watershed of the inverted blurred heat inside the foreground;
 - ``bc_watershed`` (PyTorch Connectomics' decoder for binary + contour
   outputs): foreground = binary above a threshold, seeds = components of
-  (binary high) and (contour low), watershed of the inverted binary map.
+  (binary high) and (contour low), watershed of the inverted binary map;
+- ``embedding_cluster`` (an embedding head): foreground = the binary channel
+  above a threshold, split into instances by mean-shift of the ``emb*``
+  channels per foreground component (``emmito.embedding``);
+- ``nearest_neighbour``: foreground = voxels whose k nearest embeddings in a
+  support set (saved beside the checkpoint) are mostly mitochondrion, split as
+  ``embedding_cluster`` splits it.
 
-Both share ``seeded_watershed``, which floods only where flooding can change
+The two watershed decoders share ``seeded_watershed``, which floods only where flooding can change
 the answer: a foreground component that holds fewer than two seeds is one
 object as it stands, so only components with two or more seeds get a
 watershed, inside their own bounding box (threads work on different
@@ -37,6 +43,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 from tqdm import tqdm
 
+from emmito import embedding
 from emmito.config import with_defaults
 from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
 
@@ -48,7 +55,14 @@ CONNECTIVITY = 6
 
 HEAT_CHANNEL = "foreground"
 CONTOUR_CHANNEL = "contour"
-DECODER_CHANNELS = {"heat_watershed": (HEAT_CHANNEL,), "bc_watershed": (HEAT_CHANNEL, CONTOUR_CHANNEL)}
+DECODER_CHANNELS = {
+    "heat_watershed": (HEAT_CHANNEL,),
+    "bc_watershed": (HEAT_CHANNEL, CONTOUR_CHANNEL),
+    # The embedding decoders also read every 'emb<i>' channel.
+    "embedding_cluster": (HEAT_CHANNEL,),
+    "nearest_neighbour": (HEAT_CHANNEL,),
+}
+EMBEDDING_DECODERS = ("embedding_cluster", "nearest_neighbour")
 
 # Heat is blurred only in tiles of this size (y, x) near heat at the threshold.
 # Speed only: the result is the same for any tile size.
@@ -142,8 +156,14 @@ def blur_box(heat: np.ndarray, box: tuple[slice, slice, slice], blur_sigma: floa
     return smooth[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
 
 
-def _blur_threshold_slice(heat_slice: np.ndarray, out: np.ndarray, blur_sigma: float, threshold: float) -> None:
-    """Write ``blur(heat_slice) > threshold`` into ``out`` (bool (y, x), zeros on entry)."""
+def _blur_threshold_slice(
+    heat_slice: np.ndarray, out: np.ndarray, blur_sigma: float, threshold: float, landscape: np.ndarray | None = None
+) -> None:
+    """Write ``blur(heat_slice) > threshold`` into ``out`` (bool (y, x), zeros on entry).
+
+    With ``landscape`` (uint8 (y, x)), also write ``255 - rint(blur)`` into it
+    wherever ``out`` may be True (elsewhere it is left as it was).
+    """
     # A blurred voxel is a weighted mean (weights > 0, sum 1) of heat within one
     # kernel radius, so it can pass the threshold only if some heat there reaches it.
     radius = blur_radius(blur_sigma)
@@ -164,30 +184,88 @@ def _blur_threshold_slice(heat_slice: np.ndarray, out: np.ndarray, blur_sigma: f
         hy0, hy1 = max(y0 - radius, 0), min(y1 + radius, height)
         hx0, hx1 = max(x0 - radius, 0), min(x1 + radius, width)
         smooth = blur_yx(heat_slice[hy0:hy1, hx0:hx1], blur_sigma)
-        np.greater(smooth[y0 - hy0 : y1 - hy0, x0 - hx0 : x1 - hx0], threshold, out=out[y0:y1, x0:x1])
+        tile_smooth = smooth[y0 - hy0 : y1 - hy0, x0 - hx0 : x1 - hx0]
+        np.greater(tile_smooth, threshold, out=out[y0:y1, x0:x1])
+        if landscape is not None:
+            np.subtract(255, np.rint(tile_smooth, out=tile_smooth), out=landscape[y0:y1, x0:x1], casting="unsafe")
 
 
 def blur_and_threshold(
-    heat: np.ndarray, blur_sigma: float, foreground_threshold: float, pool: ThreadPoolExecutor | None = None
+    heat: np.ndarray,
+    blur_sigma: float,
+    foreground_threshold: float,
+    pool: ThreadPoolExecutor | None = None,
+    landscape: np.ndarray | None = None,
 ) -> np.ndarray:
     """Foreground mask: each slice of ``heat`` (uint8 (z, y, x), 0-255) blurred in y and x, above the threshold.
 
     Returns bool (z, y, x). The threshold applies to the unrounded float32
     blur, so it means what the config says. The blur is computed only near heat
     that reaches the threshold (elsewhere it cannot pass it), one slice at a
-    time, slices spread over ``pool``'s threads.
+    time, slices spread over ``pool``'s threads. With ``landscape`` (uint8
+    (z, y, x)), the watershed landscape ``255 - rint(blur)`` is written into it
+    at least at every foreground voxel, from the same blur.
     """
     if blur_sigma <= 0:
+        if landscape is not None:
+            np.subtract(255, heat, out=landscape)
         return heat > foreground_threshold
     foreground = np.zeros(heat.shape, dtype=bool)
 
     def blur_slab(z_start: int) -> None:
         for z in range(z_start, min(z_start + SLAB_SLICES, heat.shape[0])):
-            _blur_threshold_slice(heat[z], foreground[z], blur_sigma, foreground_threshold)
+            _blur_threshold_slice(
+                heat[z], foreground[z], blur_sigma, foreground_threshold, None if landscape is None else landscape[z]
+            )
 
     for _ in _run(pool, blur_slab, range(0, heat.shape[0], SLAB_SLICES)):
         pass
     return foreground
+
+
+try:
+    # The flooding kernel of skimage's watershed, called directly (same
+    # signature since skimage 0.19): the public function converts, pads and
+    # copies the whole box six times around it, which took longer than the flood.
+    from skimage.segmentation._watershed_cy import watershed_raveled as _watershed_raveled
+except ImportError:  # a skimage that moved it: the public function gives the same answer
+    _watershed_raveled = None
+
+
+def flood_box(
+    landscape: np.ndarray, inside: np.ndarray, marker_coordinates: tuple[np.ndarray, ...], marker_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded watershed (face connectivity) of ``landscape`` (uint8 (z, y, x), low = basin core) inside ``inside``.
+
+    ``inside``: bool, same shape; ``marker_coordinates``: (z, y, x) index arrays
+    of the seed voxels (all inside), ``marker_ids``: their ids (> 0). Returns
+    (regions, inside): int32 (z, y, x) seed id of each inside voxel (0
+    elsewhere) and a bool array equal to ``inside``. Equals
+    ``skimage.segmentation.watershed(landscape, markers, mask=inside, connectivity=1)``.
+    """
+    if _watershed_raveled is None:
+        markers = np.zeros(inside.shape, dtype=np.int32)
+        markers[marker_coordinates] = marker_ids
+        return watershed(landscape, markers, mask=inside, connectivity=1), inside
+    # A margin of mask 0 lets the kernel step to neighbours without bounds checks.
+    padded = tuple(n + 2 for n in inside.shape)
+    core = (slice(1, -1),) * 3
+    mask = np.zeros(padded, dtype=np.int8)
+    mask[core] = inside
+    # The kernel reads the landscape only where the mask is set.
+    image = np.empty(padded, dtype=np.float64)
+    image[core] = landscape
+    output = np.zeros(padded, dtype=np.int32)
+    locations = np.ravel_multi_index(tuple(c + 1 for c in marker_coordinates), padded).astype(np.intp)
+    output.reshape(-1)[locations] = marker_ids
+    row, plane = padded[2], padded[1] * padded[2]
+    # The order skimage uses for connectivity 1; it decides ties between equal-priority voxels.
+    neighbours = np.array([-plane, -row, -1, 1, row, plane], dtype=np.intp)
+    strides = np.array([plane, row, 1], dtype=np.intp)
+    _watershed_raveled(
+        image.reshape(-1), locations, neighbours, mask.reshape(-1), strides, 0.0, output.reshape(-1), False
+    )
+    return output[core], mask[core].view(bool)
 
 
 def _connected(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -257,14 +335,26 @@ def seeded_watershed(
     component_of_voxel = labels.reshape(-1)[foreground_voxels]
     seed_voxels = np.flatnonzero(seed_mask)
     seed_of_voxel = seed_labels.reshape(-1)[seed_voxels]
+    del seed_labels
     seed_sizes = np.bincount(seed_of_voxel, minlength=n_seeds + 1)
     component_of_seed = np.zeros(n_seeds + 1, dtype=np.int64)
     component_of_seed[seed_of_voxel] = labels.reshape(-1)[seed_voxels]
-    del seed_voxels, seed_of_voxel
     big_seed = seed_sizes >= max(1, min_seed_size)
     big_seed[0] = False
     seeds_per_component = np.bincount(component_of_seed[big_seed], minlength=n_components + 1)
     multi_seed = np.flatnonzero(seeds_per_component >= 2)
+    # The markers of each flood, from the seed voxels, not from a scan of its box.
+    flooded = np.zeros(n_components + 1, dtype=bool)
+    flooded[multi_seed] = True
+    is_marker = big_seed[seed_of_voxel]
+    is_marker &= flooded[component_of_seed[seed_of_voxel]]
+    marker_voxels, marker_seeds = seed_voxels[is_marker], seed_of_voxel[is_marker]
+    order = np.argsort(component_of_seed[marker_seeds], kind="stable")
+    marker_voxels, marker_seeds = marker_voxels[order], marker_seeds[order]
+    marker_starts = np.searchsorted(component_of_seed[marker_seeds], multi_seed)
+    marker_stops = np.append(marker_starts[1:], len(marker_seeds))
+    marker_range = dict(zip(multi_seed.tolist(), zip(marker_starts.tolist(), marker_stops.tolist())))
+    del seed_voxels, seed_of_voxel, is_marker, order
 
     # Region ids: components keep theirs; the watershed regions of component c
     # get n_components + seed id, so no two objects share an id.
@@ -276,10 +366,10 @@ def seeded_watershed(
     def flood(component: int) -> tuple[int, np.ndarray]:
         box = boxes[component]
         box_labels = labels[box]  # a view: writing it writes the output
-        inside = box_labels == component
-        box_seeds = seed_labels[box]
-        markers = np.where(inside & big_seed[box_seeds], box_seeds, 0)
-        regions = watershed(landscape(box), markers, mask=inside, connectivity=1)
+        start, stop = marker_range[component]
+        markers = np.unravel_index(marker_voxels[start:stop], labels.shape)
+        markers = tuple(m - s.start for m, s in zip(markers, box))
+        regions, inside = flood_box(landscape(box), box_labels == component, markers, marker_seeds[start:stop])
         region_ids = regions[inside].astype(np.int64)
         # Threads write disjoint voxels (each its own component's); new ids are
         # above n_components, so they never read as another component.
@@ -324,13 +414,15 @@ def segment_block(heat: np.ndarray, params: dict[str, Any] | None = None, progre
     sigma = params["blur_sigma"]
     pool = _thread_pool(params["threads"])
     try:
-        foreground = blur_and_threshold(heat, sigma, params["foreground_threshold"], pool)
+        # Inverted blurred heat, rounded to uint8 as the heat itself is, kept from
+        # the thresholding pass so that the watershed boxes need no second blur.
+        # Only pages near foreground are ever written (zeros from calloc cost nothing).
+        landscape_map = np.zeros(heat.shape, dtype=np.uint8)
+        foreground = blur_and_threshold(heat, sigma, params["foreground_threshold"], pool, landscape_map)
         seed_mask = heat > params["seed_threshold"]
 
         def landscape(box: tuple[slice, slice, slice]) -> np.ndarray:
-            # Inverted blurred heat, rounded to uint8 as the heat itself is.
-            smooth = blur_box(heat, box, sigma) if sigma > 0 else heat[box]
-            return 255 - np.rint(smooth).astype(np.uint8)
+            return landscape_map[box]
 
         return seeded_watershed(
             landscape, foreground, seed_mask, params["min_seed_size"], params["min_size"], pool, progress
@@ -374,12 +466,101 @@ def bc_watershed(
             pool.shutdown()
 
 
-def decode(channels: dict[str, np.ndarray], params: dict[str, Any] | None = None, progress: bool = False) -> np.ndarray:
-    """Instance labels from a block's heat channels ({name: uint8 (z, y, x)}) with ``segment.decoder``."""
+def embedding_mask(heat: np.ndarray | None, shape: tuple[int, ...], params: dict[str, Any]) -> np.ndarray:
+    """Voxels (bool (z, y, x)) whose embeddings an embedding decoder reads.
+
+    ``embedding_cluster``: the foreground, ``heat > embedding_foreground``.
+    ``nearest_neighbour``: the candidates, ``heat >= nnc_candidates`` (every
+    voxel when that is 0 or there is no heat).
+    """
+    if params["decoder"] == "embedding_cluster":
+        return heat > params["embedding_foreground"]
+    if heat is None or params["nnc_candidates"] <= 0:
+        return np.ones(shape, dtype=bool)
+    return heat >= params["nnc_candidates"]
+
+
+def decode_embedding_features(
+    mask: np.ndarray,
+    features: np.ndarray,
+    params: dict[str, Any],
+    support: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Instances from the embeddings ``features`` (float32 (N, E)) of ``mask``'s voxels (bool (z, y, x), C order).
+
+    ``embedding_cluster``: ``mask`` is the foreground. ``nearest_neighbour``:
+    ``mask`` holds the candidates, and those whose ``nnc_k`` nearest
+    ``support`` embeddings (features (M, E), classes (M,), 0 = background)
+    vote mitochondrion (any class > 0) with a share above ``nnc_threshold``
+    are the foreground. The foreground is then split by
+    ``embedding.cluster_foreground``. Returns uint32 (z, y, x) ids from 1.
+    """
     params = with_defaults("segment", params)
-    if params["decoder"] == "bc_watershed":
+    if params["decoder"] == "nearest_neighbour":
+        if support is None:
+            raise ValueError("the nearest_neighbour decoder needs a support set")
+        support_features, support_classes = support
+        if support_features.shape[1] != features.shape[1]:
+            raise EmmitoError(
+                f"segment.support_set has {support_features.shape[1]}-dimensional embeddings but the heatmap has "
+                f"{features.shape[1]}: use the support.npz written with this model's checkpoint"
+            )
+        votes = embedding.nearest_neighbour_features(features, support_features, support_classes, params["nnc_k"])
+        keep = votes[:, 1:].sum(1) > params["nnc_threshold"]
+        foreground = np.zeros(mask.shape, dtype=bool)
+        foreground[mask] = keep
+        features = features[keep]
+        mask = foreground
+    return embedding.cluster_foreground(
+        features,
+        mask,
+        params["embedding_bandwidth"],
+        params["embedding_sample"],
+        params["embedding_min_size"],
+        progress=progress,
+    )
+
+
+def decode(
+    channels: dict[str, np.ndarray],
+    params: dict[str, Any] | None = None,
+    progress: bool = False,
+    support: tuple[np.ndarray, np.ndarray] | None = None,
+    embedding_range: float = embedding.DEFAULT_EMBEDDING_RANGE,
+) -> np.ndarray:
+    """Instance labels from a block's heat channels ({name: uint8 (z, y, x)}) with ``segment.decoder``.
+
+    The embedding decoders read the ``emb<i>`` channels (uint8, scaled by
+    ``embedding_range``; see ``emmito.embedding``); ``nearest_neighbour`` also
+    needs ``support`` (features, classes).
+    """
+    params = with_defaults("segment", params)
+    decoder = params["decoder"]
+    if decoder == "bc_watershed":
         return bc_watershed(channels[HEAT_CHANNEL], channels[CONTOUR_CHANNEL], params, progress)
+    if decoder in EMBEDDING_DECODERS:
+        names = list(channels)
+        emb_names = [names[i] for i in embedding.embedding_channels(names)]
+        if not emb_names:
+            raise ValueError(f"segment.decoder {decoder} needs emb0.. channels, got {names}")
+        heat = channels.get(HEAT_CHANNEL)
+        shape = channels[emb_names[0]].shape
+        mask = embedding_mask(heat, shape, params)
+        features = np.stack(
+            [embedding.heat_to_embeddings(channels[name][mask], embedding_range) for name in emb_names], axis=1
+        )
+        return decode_embedding_features(mask, features, params, support, progress)
     return segment_block(channels[HEAT_CHANNEL], params, progress)
+
+
+def support_set_path(params: dict[str, Any]) -> str:
+    """The support set the nearest_neighbour decoder reads: segment.support_set, else beside model.name's checkpoint."""
+    chosen = params["segment"].get("support_set", "")
+    if chosen:
+        return chosen
+    name = params.get("model", {}).get("name", "model")
+    return f"results/model/{name}/support.npz"
 
 
 def heat_channel(path: Any, attrs: dict[str, Any], shape: tuple[int, ...], name: str = HEAT_CHANNEL, decoder: str = "heat_watershed") -> int:
@@ -402,6 +583,37 @@ def heat_channel(path: Any, attrs: dict[str, Any], shape: tuple[int, ...], name:
     return channels.index(name)
 
 
+def _embedding_run(args: argparse.Namespace, params: dict[str, Any], ds: Any, attrs: dict[str, Any]) -> np.ndarray:
+    """The embedding decoders on an open heat dataset, reading one channel at a time.
+
+    Memory: one channel of the block (uint8), the mask, and the float32
+    embeddings of the masked voxels only (a few per cent of the block).
+    """
+    section = params["segment"]
+    decoder = section["decoder"]
+    channel_names = [str(c) for c in attrs.get("channels", [])]
+    emb_indices = embedding.embedding_channels(channel_names)
+    if not emb_indices:
+        raise EmmitoError(
+            f"{args.heat}: no emb0.. channels (attr channels = {channel_names}); segment.decoder {decoder} needs an "
+            "embedding model: infer with model.head embedding, or pick segment.decoder heat_watershed"
+        )
+    support = None
+    if decoder == "nearest_neighbour":
+        support = embedding.load_support_set(support_set_path(params))
+    if decoder == "embedding_cluster" or section["nnc_candidates"] > 0:
+        heat = ds[heat_channel(args.heat, attrs, ds.shape, HEAT_CHANNEL, decoder)]
+    else:
+        heat = None
+    mask = embedding_mask(heat, tuple(ds.shape[1:]), section)
+    del heat
+    embedding_range = float(attrs.get("embedding_range", embedding.DEFAULT_EMBEDDING_RANGE))
+    features = np.empty((int(mask.sum()), len(emb_indices)), dtype=np.float32)
+    for column, index in enumerate(emb_indices):
+        features[:, column] = embedding.heat_to_embeddings(ds[index][mask], embedding_range)
+    return decode_embedding_features(mask, features, section, support, progress=True)
+
+
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito segment HEAT OUT``: heat/block_{b}.h5 -> seg/block_{b}.h5 (block-local ids)."""
     keep_freed_memory()
@@ -411,11 +623,19 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
         attrs = volume_attrs(ds)
         if ds.dtype != np.uint8:
             raise EmmitoError(f"{args.heat}: heatmap is {ds.dtype}, not uint8 0-255: rerun emmito merge to rewrite it")
-        channels = {
-            name: ds[heat_channel(args.heat, attrs, ds.shape, name, decoder)] for name in DECODER_CHANNELS[decoder]
-        }
-    labels = decode(channels, section, progress=True)
-    del channels
+        if decoder in EMBEDDING_DECODERS:
+            if ds.ndim != 4:
+                raise EmmitoError(
+                    f"{args.heat}: heatmap has shape {ds.shape}, not (channel, z, y, x): rerun emmito merge to rewrite it"
+                )
+            labels = _embedding_run(args, params, ds, attrs)
+        else:
+            channels = {
+                name: ds[heat_channel(args.heat, attrs, ds.shape, name, decoder)] for name in DECODER_CHANNELS[decoder]
+            }
+    if decoder not in EMBEDDING_DECODERS:
+        labels = decode(channels, section, progress=True)
+        del channels
     print(f"emmito segment: {int(labels.max())} objects in {labels.shape[0]} slices ({decoder})", file=sys.stderr)
     kept = {k: attrs[k] for k in ("volume_depth", "downsample_xy") if k in attrs}
     with create_volume(

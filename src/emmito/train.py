@@ -1,88 +1,105 @@
 """Training: random patches of proofread volumes -> a U-Net checkpoint and a metrics log.
 
-Target ``binary``: foreground = label > 0, except where two different instances
-touch, which is set to background so that touching mitochondria stay separate
-for the watershed. Loss: class-balanced BCE-with-logits plus soft Dice.
+Images are mean-pooled by ``infer.downsample_xy`` (with infer's own
+``mean_pool_xy``) and labels mode-pooled, so the network trains at the scale
+it infers at. Targets (``model.target``, see ``emmito.targets``) are computed
+once per volume at that scale; patches are drawn at random (a fraction centred
+on a labelled voxel) and augmented (``emmito.augment``). Losses per target are
+weighted by ``train.loss_weights`` (``emmito.losses``); optional auxiliary
+heads add ``train.aux_loss_weight`` times the same loss. AdamW, linear warm-up
+then cosine decay, gradient clipping; AMP on CUDA only.
 Validation runs the same sliding-window inference as ``emmito infer``
-(``infer.predict_slices``) on whole validation volumes and keeps the weights
-with the best voxel IoU.
+(``infer.predict_slices``) on whole validation volumes, logs voxel IoU and
+instance F1 (after ``segment``), and keeps the weights with the best IoU.
 
 On CPU the same config and seed give a byte-identical checkpoint: one seeded
 numpy Generator draws every patch and augmentation, torch is seeded and runs
 deterministic algorithms, and the checkpoint holds nothing time-dependent.
+Training saves a resume state every ``train.save_every`` iterations (model,
+optimiser, scheduler, both RNG states, iteration, best weights, metrics); a
+rerun continues from it and ends with the same weights as an uninterrupted run.
+``train.max_minutes`` (off by default) stops by wall time instead and stretches
+the cosine over that time: quicker to plan on a shared machine, but not
+reproducible.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import io
 import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from emmito import __version__
-from emmito.infer import DEFAULT_INPUT_NORM, autocast, job_threads, pick_device, predict_slices
+from emmito.augment import augment_patch
+from emmito.infer import DEFAULT_INPUT_NORM, autocast, job_threads, mean_pool_xy, pick_device, predict_slices, to_heat
 from emmito.io import EmmitoError, atomic_path, read_volume
+from emmito.losses import target_loss, weighted_bce, dice_loss
 from emmito.model import build_model, check_patch, target_channels
+from emmito.targets import binary_target, make_target, touching_border  # noqa: F401  (re-exported)
+from emmito.upsample import downsample_mode
 
 GRADIENT_CLIP_NORM = 1.0
 
 
-def touching_border(label: np.ndarray) -> np.ndarray:
-    """bool mask of labelled voxels that have a face neighbour (6-connectivity) with a different non-zero id.
-
-    Both sides are marked, so the border between two touching instances is two voxels thick.
+def pool_volume(image: np.ndarray, label: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8, label uint32) (z, y, x) -> the inference scale: image mean-pooled by ``factor`` in y, x
+    (float32 0-255, exactly as ``infer`` pools), label mode-pooled (uint32, ceil(y/factor), ceil(x/factor)).
     """
-    border = np.zeros(label.shape, dtype=bool)
-    for axis in range(label.ndim):
-        low = [slice(None)] * label.ndim
-        high = [slice(None)] * label.ndim
-        low[axis], high[axis] = slice(None, -1), slice(1, None)
-        a, b = label[tuple(low)], label[tuple(high)]
-        differ = (a != b) & (a != 0) & (b != 0)
-        border[tuple(low)] |= differ
-        border[tuple(high)] |= differ
-    return border
-
-
-def binary_target(label: np.ndarray) -> np.ndarray:
-    """uint8 target (same shape as ``label``): 1 inside instances, 0 on background and on touching borders."""
-    return ((label != 0) & ~touching_border(label)).astype(np.uint8)
+    if factor == 1:
+        return image, label
+    pooled_image = mean_pool_xy(image, factor)
+    pooled_label = label
+    for _ in range(int(round(math.log2(factor)))):
+        pooled_label = downsample_mode(pooled_label)
+    return pooled_image, pooled_label
 
 
 class PatchSampler:
-    """Random training patches (image uint8, target uint8), each (z, y, x) = ``patch``, from whole volumes.
+    """Random training patches (image, float32 target (channel, z, y, x)), each (z, y, x) = ``patch``.
 
-    Training volumes are proofread crops, small enough to hold in memory whole;
-    a volume smaller than the patch is reflect-padded up to it.
+    ``volumes``: (image 0-255 uint8 or float32, label uint32) pairs, already at
+    the inference scale. Training volumes are proofread crops, small enough to
+    hold in memory whole with their targets; a volume smaller than the patch
+    is reflect-padded up to it.
     """
 
-    def __init__(self, volumes: list[tuple[np.ndarray, np.ndarray]], patch: list[int], foreground_fraction: float):
+    def __init__(
+        self,
+        volumes: list[tuple[np.ndarray, np.ndarray]],
+        patch: list[int],
+        foreground_fraction: float,
+        target: str = "binary",
+        contour_width: int = 1,
+    ):
         self.patch = tuple(int(p) for p in patch)
         self.foreground_fraction = foreground_fraction
         self.volumes: list[tuple[np.ndarray, np.ndarray]] = []
+        self.foreground: list[np.ndarray] = []
         for image, label in volumes:
             pad = [(0, max(0, p - s)) for p, s in zip(self.patch, image.shape)]
             if any(after for _, after in pad):
                 image, label = np.pad(image, pad, mode="reflect"), np.pad(label, pad, mode="reflect")
-            self.volumes.append((image, label))
-        # Flat indices of labelled voxels, for foreground-centred patches (a few bytes per voxel of a small crop).
-        self.foreground = [np.flatnonzero(label) for _, label in self.volumes]
-        sizes = np.array([label.size for _, label in self.volumes], dtype=np.float64)
+            self.volumes.append((image, make_target(label, target, contour_width)))
+            # Flat indices of labelled voxels, for foreground-centred patches (a few bytes per voxel of a small crop).
+            self.foreground.append(np.flatnonzero(label))
+        sizes = np.array([image.size for image, _ in self.volumes], dtype=np.float64)
         self.volume_probability = sizes / sizes.sum()
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One (image uint8, target uint8) patch pair."""
+        """One (image (z, y, x), target float32 (channel, z, y, x)) patch pair."""
         index = int(rng.choice(len(self.volumes), p=self.volume_probability))
-        image, label = self.volumes[index]
+        image, target = self.volumes[index]
         shape = np.array(image.shape)
         patch = np.array(self.patch)
         foreground = self.foreground[index]
@@ -91,50 +108,25 @@ class PatchSampler:
             start = np.clip(centre - patch // 2, 0, shape - patch)
         else:
             start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, patch)])
-        stop = start + patch
-        # One voxel of context, where it exists, so that borders on the patch's faces are seen.
-        lo, hi = np.maximum(start - 1, 0), np.minimum(stop + 1, shape)
-        context = label[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        inner = tuple(slice(a, a + p) for a, p in zip(start - lo, patch))
-        target = binary_target(context)[inner]
-        return image[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], target
+        box = tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
+        return image[box], target[(slice(None), *box)]
 
 
-def augment(
-    image: np.ndarray, target: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random z/y/x flips, an xy transpose (square patches only) and intensity jitter.
+def learning_rate_factor(iteration: int, warmup: int, total: int, progress: float | None = None) -> float:
+    """Multiplier of the base learning rate at 0-based ``iteration``: linear warm-up, then cosine decay to 0.
 
-    ``image`` is float32 normalised intensity; ``brightness`` and ``contrast`` are the
-    largest shifts (in normalised units) and relative contrast changes. The same number
-    of random draws is made every call, so the stream stays aligned.
+    ``progress`` (0-1), where given, replaces the iteration-based progress of the cosine (time budgets).
     """
-    flips, transpose, gain, shift = rng.random(3) < 0.5, rng.random() < 0.5, rng.uniform(-1, 1), rng.uniform(-1, 1)
-    axes = tuple(int(a) for a in np.flatnonzero(flips))
-    if axes:
-        image, target = np.flip(image, axes), np.flip(target, axes)
-    if transpose and image.shape[1] == image.shape[2]:
-        image, target = image.transpose(0, 2, 1), target.transpose(0, 2, 1)
-    image = image * np.float32(1.0 + contrast * gain) + np.float32(brightness * shift)
-    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target)
-
-
-def learning_rate_factor(iteration: int, warmup: int, total: int) -> float:
-    """Multiplier of the base learning rate at 0-based ``iteration``: linear warm-up, then cosine decay to 0."""
     if iteration < warmup:
         return (iteration + 1) / warmup
-    progress = (iteration - warmup) / max(1, total - warmup)
+    if progress is None:
+        progress = (iteration - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def balanced_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Class-balanced BCE-with-logits (each class weighs half) plus soft Dice; ``target`` float 0/1."""
-    positive = target.mean().clamp(0.01, 0.99)
-    weight = torch.where(target > 0.5, 0.5 / positive, 0.5 / (1.0 - positive))
-    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
-    probability = torch.sigmoid(logits)
-    dice = 1.0 - (2.0 * (probability * target).sum() + 1.0) / (probability.sum() + target.sum() + 1.0)
-    return bce + dice
+    return weighted_bce(logits, target, True) + dice_loss(torch.sigmoid(logits), target)
 
 
 def voxel_iou(probability: np.ndarray, label: np.ndarray, threshold: float = 0.5) -> tuple[int, int]:
@@ -143,38 +135,126 @@ def voxel_iou(probability: np.ndarray, label: np.ndarray, threshold: float = 0.5
     return int(np.count_nonzero(predicted & truth)), int(np.count_nonzero(predicted | truth))
 
 
+class ProbabilityLogits(torch.nn.Module):
+    """Wraps a model so that sigmoid(output) = ``output_to_probability(model(x), target)``.
+
+    ``predict_slices`` applies a sigmoid; for ``skeleton_distance`` (tanh output)
+    (tanh(x) + 1) / 2 = sigmoid(2x), so the logits are doubled.
+    """
+
+    def __init__(self, model: torch.nn.Module, target: str):
+        super().__init__()
+        self.model, self.scale = model, 2.0 if target == "skeleton_distance" else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out * self.scale if self.scale != 1.0 else out
+
+
+def predict_volume(
+    model: torch.nn.Module, image: np.ndarray, params: dict[str, Any], device: torch.device | str, input_norm: dict[str, float] | None = None
+) -> np.ndarray:
+    """float32 (channel, z, y, x) probabilities of a whole in-memory (z, y, x) volume already at the inference scale."""
+    return predict_slices(
+        ProbabilityLogits(model, params["model"]["target"]),
+        lambda a, b: image[a:b],
+        image.shape[0],
+        0,
+        image.shape[0],
+        params["model"]["patch"],
+        params["infer"]["tile_overlap"],
+        params["infer"]["batch_size"],
+        device,
+        input_norm=input_norm,
+        blend_sigma=params["infer"]["blend_sigma"],
+        progress=False,
+    )
+
+
 def validate(
     model: torch.nn.Module,
     volumes: list[tuple[np.ndarray, np.ndarray]],
     params: dict[str, Any],
     device: torch.device,
     input_norm: dict[str, float],
-) -> float:
-    """Voxel IoU (foreground at probability 0.5) over all validation volumes, by whole-volume sliding-window inference."""
+) -> dict[str, float]:
+    """{"val_iou", "val_f1"} over the validation volumes (at the inference scale), by sliding-window inference.
+
+    IoU: the first channel at probability 0.5 against label > 0, voxels summed
+    over volumes. F1: instance F1 at IoU 0.5 of ``segment`` (heat_watershed on
+    the first channel, ``params["segment"]``), averaged over volumes.
+    """
+    from emmito.evaluate import instance_f1
+    from emmito.segment import segment_block
+
     intersection = union = 0
+    scores = []
     for image, label in volumes:
-        probability = predict_slices(
-            model,
-            lambda a, b, image=image: image[a:b],
-            image.shape[0],
-            0,
-            image.shape[0],
-            params["model"]["patch"],
-            params["infer"]["tile_overlap"],
-            params["infer"]["batch_size"],
-            device,
-            input_norm=input_norm,
-            blend_sigma=params["infer"]["blend_sigma"],
-            progress=False,
-        )
+        probability = predict_volume(model, image, params, device, input_norm)
         i, u = voxel_iou(probability[0], label)
         intersection, union = intersection + i, union + u
+        labels = segment_block(to_heat(probability[0]), params.get("segment"))
+        scores.append(instance_f1(labels, label))
     model.train()
-    return intersection / union if union else 1.0
+    return {"val_iou": intersection / union if union else 1.0, "val_f1": float(np.mean(scores)) if scores else 0.0}
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def config_digest(params: dict[str, Any]) -> str:
+    """Hash of the settings a resume state must share with the run that continues it."""
+    relevant = {k: params.get(k) for k in ("seed", "model", "train")}
+    relevant["downsample_xy"] = params["infer"]["downsample_xy"]
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def _load_state(path: Path, digest: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=False)
+    except Exception:  # a torn or foreign file: start over rather than fail
+        print(f"emmito train: {path} is unreadable; starting from scratch", file=sys.stderr)
+        return None
+    if state.get("config_digest") != digest:
+        print(f"emmito train: {path} is from another config; starting from scratch", file=sys.stderr)
+        return None
+    return state
+
+
+def _tensorboard_writer(log_dir: Path | None) -> Any:
+    if log_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise EmmitoError(
+            "train.tensorboard is true but the 'tensorboard' package is missing: pip install tensorboard, or set it false"
+        ) from None
+    return SummaryWriter(str(log_dir))
+
+
+def _image_grid(inputs: torch.Tensor, targets: torch.Tensor, outputs: list[torch.Tensor]) -> np.ndarray:
+    """float32 (1, H, W) grid in [0, 1]: rows = batch items; columns = input, each target channel, each output channel."""
+    mid = inputs.shape[2] // 2
+    rows = []
+    for item in range(inputs.shape[0]):
+        image = inputs[item, 0, mid].float()
+        columns = [((image - image.min()) / (image.max() - image.min() + 1e-6))]
+        columns += [targets[item, c, mid].float().clamp(0, 1) for c in range(targets.shape[1])]
+        for output in outputs:
+            columns += [output[item, c, mid].float() for c in range(output.shape[1])]
+        rows.append(torch.cat(columns, dim=1))
+    return torch.cat(rows, dim=0)[None].detach().cpu().numpy()
 
 
 def train_model(
@@ -184,83 +264,162 @@ def train_model(
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
+    resume_path: Path | None = None,
+    stop_after: int | None = None,
+    tensorboard_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train on (image uint8, label uint32) pairs of (z, y, x) arrays.
+    """Train on (image uint8, label uint32) pairs of full-resolution (z, y, x) arrays.
 
     ``params`` holds the config sections ``seed``, ``model``, ``train``, ``infer``
-    (defaults filled). Returns (checkpoint dict, metrics: one dict per iteration
-    with iteration, loss, lr, seconds and, where validated, val_iou).
+    (and optionally ``segment`` for validation F1), defaults filled. Volumes
+    are pooled by ``infer.downsample_xy`` first. ``resume_path``: where the
+    resume state is saved every ``train.save_every`` iterations and read from
+    at the start. ``stop_after``: stop (saving the state) after this iteration,
+    as a preemption would. Returns (checkpoint dict, metrics: one dict per
+    iteration with iteration, loss, lr, seconds and, where validated, val_iou, val_f1).
     """
     model_cfg, train_cfg = params["model"], params["train"]
     check_patch(model_cfg["patch"], model_cfg)
     device = torch.device(device) if device is not None else pick_device()
     input_norm = dict(DEFAULT_INPUT_NORM)
+    factor = params["infer"]["downsample_xy"]
+    target_kind = model_cfg["target"]
+    train_volumes = [pool_volume(image, label, factor) for image, label in train_volumes]
+    val_volumes = [pool_volume(image, label, factor) for image, label in val_volumes]
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(job_threads(train_cfg["threads"]))
     torch.manual_seed(params["seed"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+    writer = _tensorboard_writer(tensorboard_dir)
+    digest = config_digest(params)
     try:
         rng = np.random.default_rng(params["seed"])
-        sampler = PatchSampler(train_volumes, model_cfg["patch"], train_cfg["foreground_fraction"])
+        sampler = PatchSampler(
+            train_volumes, model_cfg["patch"], train_cfg["foreground_fraction"], target_kind, model_cfg["contour_width"]
+        )
         model = build_model(model_cfg).to(device)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
         total = train_cfg["iterations"]
+        budget_seconds = train_cfg["max_minutes"] * 60.0
+        progress_box: dict[str, float | None] = {"progress": None}
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: learning_rate_factor(it, train_cfg["warmup_iterations"], total)
+            optimizer,
+            lambda it: learning_rate_factor(it, train_cfg["warmup_iterations"], total, progress_box["progress"]),
         )
         # fp16 needs loss scaling; bf16 and fp32 do not.
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
         metrics: list[dict[str, Any]] = []
         best_iou, best_iteration, best_state = -1.0, total, None
-        started = time.perf_counter()
-        bar = tqdm(range(1, total + 1), desc="train", unit="it", file=sys.stderr, disable=not progress)
+        first, elapsed_before = 1, 0.0
+        state = _load_state(resume_path, digest) if resume_path is not None else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            rng.bit_generator.state = state["numpy_rng"]
+            torch.set_rng_state(state["torch_rng"])
+            metrics, first, elapsed_before = state["metrics"], state["iteration"] + 1, state["elapsed"]
+            best_iou, best_iteration, best_state = state["best_iou"], state["best_iteration"], state["best_state"]
+
+        def save_state(iteration: int, elapsed: float) -> None:
+            if resume_path is None:
+                return
+            _save_state(
+                resume_path,
+                {
+                    "config_digest": digest,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "numpy_rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "iteration": iteration,
+                    "elapsed": elapsed,
+                    "metrics": metrics,
+                    "best_iou": best_iou,
+                    "best_iteration": best_iteration,
+                    "best_state": best_state,
+                },
+            )
+
+        started = time.perf_counter() - elapsed_before
+        last_iteration = first - 1
+        bar = tqdm(range(first, total + 1), desc="train", unit="it", file=sys.stderr, disable=not progress)
         for iteration in bar:
             images, targets = [], []
             for _ in range(train_cfg["batch_size"]):
                 image, target = sampler.sample(rng)
                 image = (image.astype(np.float32) - input_norm["mean"]) / input_norm["std"]
                 if train_cfg["augment"]:
-                    image, target = augment(image, target, rng, train_cfg["augment_brightness"], train_cfg["augment_contrast"])
-                images.append(image)
-                targets.append(target)
+                    image, target = augment_patch(image, np.array(target, dtype=np.float32), rng, train_cfg)
+                images.append(np.ascontiguousarray(image, dtype=np.float32))
+                targets.append(np.ascontiguousarray(target, dtype=np.float32))
             inputs = torch.from_numpy(np.stack(images))[:, None].to(device)
-            target_tensor = torch.from_numpy(np.stack(targets).astype(np.float32))[:, None].to(device)
+            target_tensor = torch.from_numpy(np.stack(targets)).to(device)
 
             learning_rate = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
-                logits = model(inputs)
-            loss = balanced_loss(logits.float(), target_tensor)
+                logits, aux = model.forward_with_aux(inputs)
+            loss = target_loss(logits.float(), target_tensor, target_kind, train_cfg)
+            for aux_logits in aux:
+                loss = loss + train_cfg["aux_loss_weight"] * target_loss(aux_logits.float(), target_tensor, target_kind, train_cfg)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP_NORM)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["gradient_clip"])
             scaler.step(optimizer)
             scaler.update()
+            elapsed = time.perf_counter() - started
+            if budget_seconds > 0:
+                warmup = train_cfg["warmup_iterations"]
+                progress_box["progress"] = None if iteration < warmup else min(1.0, max(elapsed / budget_seconds, (iteration - warmup) / max(1, total - warmup)))
             scheduler.step()
 
+            out_of_time = budget_seconds > 0 and elapsed >= budget_seconds
             record: dict[str, Any] = {"iteration": iteration, "loss": round(float(loss.detach()), 6), "lr": learning_rate}
-            if val_volumes and (iteration % train_cfg["val_every"] == 0 or iteration == total):
-                iou = validate(model, val_volumes, params, device, input_norm)
-                record["val_iou"] = round(iou, 6)
-                if iou > best_iou:
-                    best_iou, best_iteration, best_state = iou, iteration, _cpu_state(model)
+            if val_volumes and (iteration % train_cfg["val_every"] == 0 or iteration == total or out_of_time):
+                scores = validate(model, val_volumes, params, device, input_norm)
+                record.update({k: round(v, 6) for k, v in scores.items()})
+                if scores["val_iou"] > best_iou:
+                    best_iou, best_iteration, best_state = scores["val_iou"], iteration, _cpu_state(model)
+                if writer is not None:
+                    with torch.no_grad():
+                        outputs = [torch.sigmoid(logits)] + [torch.sigmoid(a) for a in aux]
+                    writer.add_image("train/input_target_prediction_aux", _image_grid(inputs, target_tensor, outputs), iteration)
             record["seconds"] = round(time.perf_counter() - started, 3)
             metrics.append(record)
+            if writer is not None:
+                for key in ("loss", "lr", "val_iou", "val_f1"):
+                    if key in record:
+                        writer.add_scalar(f"train/{key}" if key in ("loss", "lr") else f"val/{key[4:]}", record[key], iteration)
             bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val_iou": f"{record['val_iou']:.3f}"} if "val_iou" in record else {}))
+            last_iteration = iteration
+            if stop_after is not None and iteration >= stop_after:
+                save_state(iteration, time.perf_counter() - started)
+                break
+            if iteration % train_cfg["save_every"] == 0:
+                save_state(iteration, time.perf_counter() - started)
+            if out_of_time:
+                break
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        if writer is not None:
+            writer.close()
 
     last_state = _cpu_state(model)
     checkpoint: dict[str, Any] = {
         "model_config": copy.deepcopy(model_cfg),
-        "target": model_cfg["target"],
-        "channels": target_channels(model_cfg["target"]),
+        "target": target_kind,
+        "channels": target_channels(target_kind),
+        "downsample_xy": factor,
         "state_dict": best_state if best_state is not None else last_state,
-        "iteration": total,
-        "best_iteration": best_iteration,
+        "iteration": last_iteration,
+        "best_iteration": best_iteration if best_state is not None else last_iteration,
         "best_val_iou": best_iou if best_state is not None else None,
         "emmito_version": __version__,
         "input_norm": input_norm,
@@ -309,6 +468,11 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     check_patch(params["model"]["patch"], params["model"])
     train_volumes = [_load_pair(image, label) for image, label in args.train]
     val_volumes = [_load_pair(image, label) for image, label in args.val]
-    checkpoint, metrics = train_model(train_volumes, val_volumes, params)
-    save_checkpoint(args.checkpoint, checkpoint)
+    checkpoint_path = Path(args.checkpoint)
+    # Beside the checkpoint and not a declared output, so a preempted job's rerun finds it.
+    resume_path = checkpoint_path.with_name(checkpoint_path.name + ".resume")
+    tensorboard_dir = checkpoint_path.parent / "tensorboard" if params["train"]["tensorboard"] else None
+    checkpoint, metrics = train_model(train_volumes, val_volumes, params, resume_path=resume_path, tensorboard_dir=tensorboard_dir)
+    save_checkpoint(checkpoint_path, checkpoint)
     write_metrics(args.metrics, metrics)
+    resume_path.unlink(missing_ok=True)
