@@ -284,3 +284,34 @@ def test_cli_bc_decoder_on_a_one_channel_heatmap_names_the_missing_channel(tmp_p
     message = capsys.readouterr().err
     assert "block_0.h5" in message and "'contour'" in message and "heat_watershed" in message
     assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "channels, expected",
+    [
+        (["foreground"], ("heat_watershed", "foreground")),
+        (["foreground", "contour"], ("bc_watershed", "foreground")),
+        (["skeleton_distance"], ("heat_watershed", "skeleton_distance")),
+        (None, ("heat_watershed", "foreground")),
+    ],
+)
+def test_auto_decoder_follows_the_model_target(channels, expected):
+    from emmito.segment import resolve_decoder
+
+    assert resolve_decoder("auto", channels) == expected
+    assert resolve_decoder("bc_watershed", ["foreground"]) == ("bc_watershed", "foreground")
+
+
+def test_auto_decode_runs_bc_watershed_on_two_channels():
+    from emmito.segment import decode
+
+    z, y, x = np.indices((8, 40, 60))
+    left = ((y - 20) ** 2 + (x - 18) ** 2 < 120) & (z > 1) & (z < 7)
+    right = ((y - 20) ** 2 + (x - 39) ** 2 < 120) & (z > 1) & (z < 7)
+    binary = np.where(left | right, 250, 0).astype(np.uint8)
+    contour = np.zeros_like(binary)
+    contour[:, :, 28:30] = 255  # the two discs touch across this band
+    auto = decode({"foreground": binary, "contour": contour}, {"decoder": "auto", "bc_min_size": 10})
+    bc = decode({"foreground": binary, "contour": contour}, {"decoder": "bc_watershed", "bc_min_size": 10})
+    assert np.array_equal(auto, bc)
+    assert auto.max() == 2

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from emmito import blocks
 from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
-from emmito.model import ARCHITECTURE_KEYS, build_model, check_patch, target_channels
+from emmito.model import ARCHITECTURE_KEYS, ProbabilityLogits, build_model, check_patch, target_channels
 
 # Added to each 1D Gaussian so that a window's corners still count where nothing else covers a voxel.
 BLEND_EPSILON = 1e-3
@@ -524,6 +524,9 @@ def load_checkpoint(
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
         raise EmmitoError(f"{path}: its weights do not fit its model_config ({str(exc).splitlines()[0][:120]}): the file is corrupt; retrain") from None
+    # predict_slices applies a sigmoid; the wrapper makes that the right probability for
+    # every target (a tanh output for skeleton_distance), exactly as training validates.
+    model = ProbabilityLogits(model, trained["target"])
     return model.to(device).eval(), checkpoint
 
 

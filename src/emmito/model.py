@@ -211,3 +211,19 @@ def check_patch(patch: list[int] | tuple[int, ...], model_cfg: dict[str, Any], k
 def parameter_count(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad)
+
+
+class ProbabilityLogits(nn.Module):
+    """Wraps a model so that sigmoid(output) = ``output_to_probability(model(x), target)``.
+
+    ``predict_slices`` applies a sigmoid; for ``skeleton_distance`` (tanh output)
+    (tanh(x) + 1) / 2 = sigmoid(2x), so the logits are doubled.
+    """
+
+    def __init__(self, model: nn.Module, target: str):
+        super().__init__()
+        self.model, self.scale = model, 2.0 if target == "skeleton_distance" else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out * self.scale if self.scale != 1.0 else out

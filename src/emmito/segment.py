@@ -537,6 +537,9 @@ def decode(
     """
     params = with_defaults("segment", params)
     decoder = params["decoder"]
+    if decoder == "auto":
+        decoder, heat_name = resolve_decoder(decoder, list(channels))
+        channels = {HEAT_CHANNEL if name == heat_name else name: value for name, value in channels.items()}
     if decoder == "bc_watershed":
         return bc_watershed(channels[HEAT_CHANNEL], channels[CONTOUR_CHANNEL], params, progress)
     if decoder in EMBEDDING_DECODERS:
@@ -614,15 +617,34 @@ def _embedding_run(args: argparse.Namespace, params: dict[str, Any], ds: Any, at
     return decode_embedding_features(mask, features, section, support, progress=True)
 
 
+def resolve_decoder(decoder: str, channels: list[str] | None) -> tuple[str, str]:
+    """The decoder to run and the name of the channel that holds the foreground heat.
+
+    ``auto`` picks the decoder that fits what the model predicted (the heat file's
+    ``channels``): foreground + contour -> bc_watershed; skeleton_distance ->
+    heat_watershed on that channel; foreground -> heat_watershed.
+    """
+    names = [str(c) for c in (channels if channels is not None else [HEAT_CHANNEL])]
+    if decoder != "auto":
+        return decoder, HEAT_CHANNEL
+    if CONTOUR_CHANNEL in names and HEAT_CHANNEL in names:
+        return "bc_watershed", HEAT_CHANNEL
+    if HEAT_CHANNEL not in names and "skeleton_distance" in names:
+        return "heat_watershed", "skeleton_distance"
+    return "heat_watershed", HEAT_CHANNEL
+
+
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito segment HEAT OUT``: heat/block_{b}.h5 -> seg/block_{b}.h5 (block-local ids)."""
     keep_freed_memory()
     section = params["segment"]
-    decoder = section["decoder"]
     with open_volume(args.heat) as ds:
         attrs = volume_attrs(ds)
         if ds.dtype != np.uint8:
             raise EmmitoError(f"{args.heat}: heatmap is {ds.dtype}, not uint8 0-255: rerun emmito merge to rewrite it")
+        decoder, heat_name = resolve_decoder(section["decoder"], attrs.get("channels"))
+        if heat_name != HEAT_CHANNEL:  # skeleton_distance: its heat plays the foreground's part
+            attrs["channels"] = [HEAT_CHANNEL if str(c) == heat_name else str(c) for c in attrs["channels"]]
         if decoder in EMBEDDING_DECODERS:
             if ds.ndim != 4:
                 raise EmmitoError(
@@ -634,7 +656,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
                 name: ds[heat_channel(args.heat, attrs, ds.shape, name, decoder)] for name in DECODER_CHANNELS[decoder]
             }
     if decoder not in EMBEDDING_DECODERS:
-        labels = decode(channels, section, progress=True)
+        labels = decode(channels, {**section, "decoder": decoder}, progress=True)
         del channels
     print(f"emmito segment: {int(labels.max())} objects in {labels.shape[0]} slices ({decoder})", file=sys.stderr)
     kept = {k: attrs[k] for k in ("volume_depth", "downsample_xy") if k in attrs}

@@ -45,7 +45,7 @@ from emmito.augment import augment_patch
 from emmito.infer import DEFAULT_INPUT_NORM, autocast, job_threads, mean_pool_xy, pick_device, predict_slices, to_heat
 from emmito.io import EmmitoError, atomic_path, read_volume
 from emmito.losses import target_loss, weighted_bce, dice_loss
-from emmito.model import build_model, check_patch, target_channels
+from emmito.model import ProbabilityLogits, build_model, check_patch, target_channels
 from emmito.targets import binary_target, make_target, touching_border  # noqa: F401  (re-exported)
 from emmito.upsample import downsample_mode
 
@@ -133,22 +133,6 @@ def voxel_iou(probability: np.ndarray, label: np.ndarray, threshold: float = 0.5
     """(intersection, union) voxel counts of ``probability > threshold`` against ``label > 0``."""
     predicted, truth = probability > threshold, label != 0
     return int(np.count_nonzero(predicted & truth)), int(np.count_nonzero(predicted | truth))
-
-
-class ProbabilityLogits(torch.nn.Module):
-    """Wraps a model so that sigmoid(output) = ``output_to_probability(model(x), target)``.
-
-    ``predict_slices`` applies a sigmoid; for ``skeleton_distance`` (tanh output)
-    (tanh(x) + 1) / 2 = sigmoid(2x), so the logits are doubled.
-    """
-
-    def __init__(self, model: torch.nn.Module, target: str):
-        super().__init__()
-        self.model, self.scale = model, 2.0 if target == "skeleton_distance" else 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out * self.scale if self.scale != 1.0 else out
 
 
 def predict_volume(
