@@ -79,6 +79,20 @@ def ohem_bce(
     return losses[keep].sum() / max(kept, 1), cut, kept
 
 
+def _binary_terms(
+    logits: torch.Tensor, target: torch.Tensor, weights: dict[str, float], balance: bool, threshold: float, keep_fraction: float
+) -> torch.Tensor:
+    """The weighted bce + dice + ohem_bce terms of one binary channel (``logits`` float, ``target`` 0/1)."""
+    total = logits.new_zeros(())
+    if weights.get("bce", 0):
+        total = total + weights["bce"] * weighted_bce(logits, target, balance)
+    if weights.get("dice", 0):
+        total = total + weights["dice"] * dice_loss(torch.sigmoid(logits), target)
+    if weights.get("ohem_bce", 0):
+        total = total + weights["ohem_bce"] * ohem_bce(logits, target, threshold, keep_fraction)[0]
+    return total
+
+
 def target_loss(logits: torch.Tensor, target: torch.Tensor, target_kind: str, train_cfg: dict[str, Any]) -> torch.Tensor:
     """The weighted sum of losses for ``target_kind`` (weights: ``train_cfg["loss_weights"][target_kind]``).
 
@@ -99,22 +113,10 @@ def target_loss(logits: torch.Tensor, target: torch.Tensor, target_kind: str, tr
         if weights.get("ohem_mse", 0):
             total = total + weights["ohem_mse"] * ohem_mse(prediction, target, keep_fraction)
         # The foreground terms read tanh as a probability: (tanh + 1) / 2 = sigmoid(2 * logits).
-        binary_logits = 2.0 * logits
-        if weights.get("bce", 0):
-            total = total + weights["bce"] * weighted_bce(binary_logits, foreground, balance)
-        if weights.get("dice", 0):
-            total = total + weights["dice"] * dice_loss(torch.sigmoid(binary_logits), foreground)
-        if weights.get("ohem_bce", 0):
-            total = total + weights["ohem_bce"] * ohem_bce(binary_logits, foreground, threshold, keep_fraction)[0]
-        return total
+        return total + _binary_terms(2.0 * logits, foreground, weights, balance, threshold, keep_fraction)
     for channel in range(logits.shape[1]):
         channel_logits, channel_target = logits[:, channel], target[:, channel]
-        if weights.get("bce", 0):
-            total = total + weights["bce"] * weighted_bce(channel_logits, channel_target, balance)
-        if weights.get("dice", 0):
-            total = total + weights["dice"] * dice_loss(torch.sigmoid(channel_logits), channel_target)
-        if weights.get("ohem_bce", 0):
-            total = total + weights["ohem_bce"] * ohem_bce(channel_logits, channel_target, threshold, keep_fraction)[0]
+        total = total + _binary_terms(channel_logits, channel_target, weights, balance, threshold, keep_fraction)
         if weights.get("mse", 0):
             total = total + weights["mse"] * mse_loss(torch.sigmoid(channel_logits), channel_target)
         if weights.get("ohem_mse", 0):
