@@ -295,26 +295,15 @@ def test_no_partial_output_when_the_labels_fail(tmp_path):
     assert list(out.iterdir()) == []  # neither file, nor a temporary one
 
 
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+    """``emmito convert ARGS`` in a subprocess, as the workflow runs it."""
+    emmito = str(Path(sys.executable).parent / "emmito")
+    return subprocess.run([emmito, "convert", *args], capture_output=True, text=True, timeout=60)
+
+
 def test_cli_converts_and_reports_mistakes_in_one_line(tmp_path):
     images = stack(tmp_path / "images", np.full((2, 6, 6), 50, np.uint8))
-    emmito = str(Path(sys.executable).parent / "emmito")
-    ok = subprocess.run(
-        [
-            emmito,
-            "convert",
-            "--images",
-            str(tmp_path / "images"),
-            "--voxel-size",
-            "30",
-            "5",
-            "5",
-            "--image-out",
-            str(tmp_path / "image.h5"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ok = run_convert("--images", str(tmp_path / "images"), "--voxel-size", "30", "5", "5", "--image-out", str(tmp_path / "image.h5"))
     assert ok.returncode == 0, ok.stderr
     image, attrs = read_volume(tmp_path / "image.h5")
     assert image.shape == (2, 6, 6) and attrs["voxel_size"] == [30.0, 5.0, 5.0]
@@ -323,33 +312,15 @@ def test_cli_converts_and_reports_mistakes_in_one_line(tmp_path):
     masks[:, 1:3, 1:3] = 255
     masks[1, 4, 4] = 255
     stack(tmp_path / "labels", masks)
-    labels_only = subprocess.run(
-        [
-            emmito,
-            "convert",
-            "--images",
-            str(tmp_path / "images"),
-            "--labels",
-            str(tmp_path / "labels"),
-            "--label-format",
-            "binary",
-            "--label-out",
-            str(tmp_path / "label.h5"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    labels_only = run_convert(
+        "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
+        "--label-format", "binary", "--label-out", str(tmp_path / "label.h5"),
     )
     assert labels_only.returncode == 0, labels_only.stderr
     ids, _ = read_volume(tmp_path / "label.h5")
     assert ids.dtype == np.uint32 and ids.max() == 2 and ids[1, 4, 4] == 2 and ids[0, 1, 1] == ids[1, 2, 2] == 1
     images[1].write_bytes(b"not a png at all")
-    bad = subprocess.run(
-        [emmito, "convert", "--images", str(tmp_path / "images"), "--image-out", str(tmp_path / "again.h5")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = run_convert("--images", str(tmp_path / "images"), "--image-out", str(tmp_path / "again.h5"))
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("emmito convert: error: ")
     assert "slice_001.png: not a readable PNG" in bad.stderr
