@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import cc3d
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from emmito import cli
 from emmito.config import with_defaults
 from emmito.evaluate import instance_f1
 from emmito.io import read_volume, write_volume
-from emmito.segment import bc_watershed, blur_and_threshold, blur_box, decode, flood_box, segment_block
+from emmito.segment import bc_watershed, blur_and_threshold, blur_slice, decode, flood_voxels, segment_block
 
 SMALL = {"min_size": 20, "min_seed_size": 4}
 
@@ -38,12 +40,11 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 def whole_block_watershed(heat: np.ndarray, params: dict) -> np.ndarray:
     """The recipe without the fast path: full-slice blur, one skimage watershed over the whole block."""
     p = with_defaults("segment", params)
-    blurred = np.stack([ndimage.gaussian_filter(s, p["blur_sigma"], output=np.float32) for s in heat])
+    blurred = np.stack([blur_slice(s, p["blur_sigma"]) for s in heat])
     foreground = blurred > p["foreground_threshold"]
     seeds = cc3d.connected_components((heat > p["seed_threshold"]) & foreground, connectivity=6).astype(np.int64)
     seeds[np.bincount(seeds.ravel())[seeds] < p["min_seed_size"]] = 0
-    landscape = 255 - np.rint(blurred).astype(np.uint8)
-    labels = watershed(landscape, seeds, mask=foreground, connectivity=1).astype(np.int64)
+    labels = watershed(-blurred, seeds, mask=foreground, connectivity=1).astype(np.int64)
     unseeded = cc3d.connected_components(foreground & (labels == 0), connectivity=6).astype(np.int64)
     labels[unseeded > 0] = unseeded[unseeded > 0] + labels.max()
     sizes = np.bincount(labels.ravel())
@@ -118,7 +119,7 @@ def test_fast_path_equals_whole_block_watershed():
     assert fast.max() > components + 3
 
 
-def test_flood_box_equals_skimage_watershed_voxel_for_voxel():
+def test_flood_voxels_equals_skimage_watershed_voxel_for_voxel():
     rng = np.random.default_rng(5)
     # Coarse levels make wide plateaus, where only the visiting order breaks ties.
     landscape = (rng.integers(0, 4, size=(9, 23, 31)) * 60).astype(np.uint8)
@@ -128,28 +129,45 @@ def test_flood_box_equals_skimage_watershed_voxel_for_voxel():
     ids = np.arange(1, len(coordinates[0]) + 1, dtype=np.int32)
     markers = np.zeros(landscape.shape, np.int32)
     markers[coordinates] = ids
-    regions, mask = flood_box(landscape, inside, coordinates, ids)
     reference = watershed(landscape, markers, mask=inside, connectivity=1)
     assert len(ids) > 10 and len(np.unique(reference)) > 10
-    assert np.array_equal(regions, reference)
-    assert np.array_equal(mask, inside)
+    # The voxels anywhere in space: only their positions relative to each other count.
+    z, y, x = np.nonzero(inside)
+    regions = flood_voxels((z + 40, y + 7, x), landscape[inside], markers[inside])
+    assert regions.dtype == np.int32
+    assert np.array_equal(regions, reference[inside])
+    assert len(flood_voxels((z[:0], y[:0], x[:0]), landscape[inside][:0], markers[inside][:0])) == 0
 
 
 @pytest.mark.parametrize("sigma", [1.0, 2.5])
-def test_tiled_blur_equals_full_slice_blur_where_it_matters(sigma):
+def test_blur_is_scipy_gaussian_filter(sigma):
     rng = np.random.default_rng(11)
-    heat = np.zeros((3, 100, 90), np.uint8)
-    heat[0, 40:44, 30:34] = 200  # a small hot spot far from tile edges
-    heat[1, 0:5, 85:90] = 90  # at the slice's corner
+    heat = np.zeros((4, 100, 90), np.uint8)
+    heat[0, 40:44, 30:34] = 200  # a small hot spot
+    heat[1, 0:5, 85:90] = 90  # at the slice's corner, where the border mode matters
     heat[1, 60:70, 0:80] = rng.integers(0, 256, size=(10, 80), dtype=np.uint8)
     heat[2] = rng.integers(0, 12, size=(100, 90), dtype=np.uint8)  # faint noise, never foreground
-    foreground = blur_and_threshold(heat, sigma, 16)
-    full = np.stack([ndimage.gaussian_filter(s, sigma, output=np.float32) for s in heat])
-    assert np.array_equal(foreground, full > 16)
+    heat[3] = rng.integers(0, 256, size=(100, 90), dtype=np.uint8)
+    full = np.stack([ndimage.gaussian_filter(s.astype(np.float64), sigma) for s in heat])
+    blurred = np.stack([blur_slice(s, sigma) for s in heat])
+    assert blurred.dtype == np.float32
+    np.testing.assert_allclose(blurred, full, atol=1e-3)
+    # Slices smaller than the kernel reflect as scipy does.
+    tiny = heat[3, :3, :5]
+    np.testing.assert_allclose(blur_slice(tiny, sigma), ndimage.gaussian_filter(tiny.astype(np.float64), sigma), atol=1e-3)
+
+    foreground, voxels, values, seeds = blur_and_threshold(heat, sigma, 16, seed_threshold=150)
+    clear = np.abs(full - 16) > 1e-3  # the float32 blur may round across the threshold only closer than that
+    assert np.array_equal(foreground[clear], (full > 16)[clear])
     assert foreground[0].any() and foreground[1].any() and not foreground[2].any()
-    # A box blurred with its halo equals the crop of the full-slice blur, inside and at the slice edges.
-    for box in [(slice(0, 3), slice(30, 50), slice(20, 40)), (slice(1, 2), slice(0, 7), slice(80, 90))]:
-        assert np.array_equal(blur_box(heat, box, sigma), full[box])
+    assert np.array_equal(voxels, np.flatnonzero(foreground))
+    assert np.array_equal(values, blurred.reshape(-1)[voxels])
+    assert np.array_equal(seeds, heat.reshape(-1)[voxels] > 150)
+    # Threads split the slices between them; the result is the same.
+    with ThreadPoolExecutor(2) as pool:
+        threaded = blur_and_threshold(heat, sigma, 16, pool, seed_threshold=150)
+    for one, other in zip(threaded, (foreground, voxels, values, seeds)):
+        assert np.array_equal(one, other)
 
 
 def test_cli_writes_block_with_heat_attrs(tmp_path):

@@ -37,9 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cc3d
+import cv2
 import fastremap
 import numpy as np
-from scipy import ndimage
 from skimage.segmentation import watershed
 from tqdm import tqdm
 
@@ -64,10 +64,7 @@ DECODER_CHANNELS = {
 }
 EMBEDDING_DECODERS = ("embedding_cluster", "nearest_neighbour")
 
-# Heat is blurred only in tiles of this size (y, x) near heat at the threshold.
-# Speed only: the result is the same for any tile size.
-BLUR_TILE = 8
-# Slices per task when work is split over threads along z.
+# Slices per task when the per-slice work is split over threads along z.
 SLAB_SLICES = 8
 
 
@@ -117,77 +114,27 @@ def _run(pool: ThreadPoolExecutor | None, function: Callable[[Any], Any], items:
     return pool.map(function, items) if pool is not None else map(function, items)
 
 
-def blur_radius(blur_sigma: float) -> int:
-    """scipy's Gaussian kernel radius (truncate=4) for ``blur_sigma``, in voxels."""
-    return int(4.0 * blur_sigma + 0.5)
-
-
 @functools.cache
 def gaussian_weights(blur_sigma: float) -> np.ndarray:
-    """scipy's Gaussian kernel (float64, truncate=4), reversed for ``correlate1d`` as ``gaussian_filter1d`` does."""
-    radius = blur_radius(blur_sigma)
+    """scipy's Gaussian kernel for ``blur_sigma`` (radius ``int(4 sigma + 0.5)``, truncate=4), float32, sums to 1."""
+    radius = int(4.0 * blur_sigma + 0.5)
     x = np.arange(-radius, radius + 1)
     weights = np.exp(-0.5 / (blur_sigma * blur_sigma) * x**2)
-    return (weights / weights.sum())[::-1].copy()
+    return (weights / weights.sum()).astype(np.float32)
 
 
-def blur_yx(heat: np.ndarray, blur_sigma: float) -> np.ndarray:
-    """``gaussian_filter(heat, sigma)`` over the last two axes (y, x) into float32, bit for bit.
+def blur_slice(heat_slice: np.ndarray, blur_sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(heat_slice, blur_sigma)`` of a 2-D uint8 slice, in float32.
 
-    Calls scipy's ``correlate1d`` with a cached kernel: blocks make thousands
-    of small calls, where ``gaussian_filter``'s own set-up costs as much as the filtering.
+    OpenCV's separable filter with scipy's kernel and border (``reflect`` is
+    OpenCV's ``BORDER_REFLECT``): SIMD, and it releases the GIL. It rounds in
+    float32 where scipy sums in float64: the two differ by less than 1e-3 heat
+    units, so a voxel changes side of a threshold only if it lies that close to it.
     """
     weights = gaussian_weights(blur_sigma)
-    smooth = ndimage.correlate1d(heat, weights, axis=-2, output=np.float32, mode="reflect")
-    return ndimage.correlate1d(smooth, weights, axis=-1, output=smooth, mode="reflect")
-
-
-def blur_box(heat: np.ndarray, box: tuple[slice, slice, slice], blur_sigma: float) -> np.ndarray:
-    """Per-slice (y, x) Gaussian blur of ``heat[box]``, float32, equal to blurring whole slices and cropping.
-
-    Reads a halo of one kernel radius around the box (clipped at the slice
-    edges, where scipy's reflection then happens at the same place).
-    """
-    radius = blur_radius(blur_sigma)
-    (zs, ys, xs), (_, height, width) = box, heat.shape
-    y0, x0 = max(ys.start - radius, 0), max(xs.start - radius, 0)
-    y1, x1 = min(ys.stop + radius, height), min(xs.stop + radius, width)
-    smooth = blur_yx(heat[zs, y0:y1, x0:x1], blur_sigma)
-    return smooth[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
-
-
-def _blur_threshold_slice(
-    heat_slice: np.ndarray, out: np.ndarray, blur_sigma: float, threshold: float, landscape: np.ndarray | None = None
-) -> None:
-    """Write ``blur(heat_slice) > threshold`` into ``out`` (bool (y, x), zeros on entry).
-
-    With ``landscape`` (uint8 (y, x)), also write ``255 - rint(blur)`` into it
-    wherever ``out`` may be True (elsewhere it is left as it was).
-    """
-    # A blurred voxel is a weighted mean (weights > 0, sum 1) of heat within one
-    # kernel radius, so it can pass the threshold only if some heat there reaches it.
-    radius = blur_radius(blur_sigma)
-    tile = max(BLUR_TILE, radius)
-    height, width = heat_slice.shape
-    tile_max = np.maximum.reduceat(
-        np.maximum.reduceat(heat_slice, np.arange(0, height, tile), axis=0), np.arange(0, width, tile), axis=1
+    return cv2.sepFilter2D(
+        np.ascontiguousarray(heat_slice), cv2.CV_32F, weights, weights, borderType=cv2.BORDER_REFLECT
     )
-    # >= rather than >: the float blur of a flat patch at the threshold may round just above it.
-    active = tile_max >= threshold
-    if not active.any():
-        return
-    active = ndimage.binary_dilation(active, structure=np.ones((3, 3), dtype=bool))
-    groups = cc3d.connected_components(active, connectivity=8)
-    for box in ndimage.find_objects(groups):
-        y0, y1 = box[0].start * tile, min(box[0].stop * tile, height)
-        x0, x1 = box[1].start * tile, min(box[1].stop * tile, width)
-        hy0, hy1 = max(y0 - radius, 0), min(y1 + radius, height)
-        hx0, hx1 = max(x0 - radius, 0), min(x1 + radius, width)
-        smooth = blur_yx(heat_slice[hy0:hy1, hx0:hx1], blur_sigma)
-        tile_smooth = smooth[y0 - hy0 : y1 - hy0, x0 - hx0 : x1 - hx0]
-        np.greater(tile_smooth, threshold, out=out[y0:y1, x0:x1])
-        if landscape is not None:
-            np.subtract(255, np.rint(tile_smooth, out=tile_smooth), out=landscape[y0:y1, x0:x1], casting="unsafe")
 
 
 def blur_and_threshold(
@@ -195,32 +142,37 @@ def blur_and_threshold(
     blur_sigma: float,
     foreground_threshold: float,
     pool: ThreadPoolExecutor | None = None,
-    landscape: np.ndarray | None = None,
-) -> np.ndarray:
-    """Foreground mask: each slice of ``heat`` (uint8 (z, y, x), 0-255) blurred in y and x, above the threshold.
+    seed_threshold: float = 255,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Foreground of ``heat`` (uint8 (z, y, x), 0-255): each slice blurred in y and x, above the threshold.
 
-    Returns bool (z, y, x). The threshold applies to the unrounded float32
-    blur, so it means what the config says. The blur is computed only near heat
-    that reaches the threshold (elsewhere it cannot pass it), one slice at a
-    time, slices spread over ``pool``'s threads. With ``landscape`` (uint8
-    (z, y, x)), the watershed landscape ``255 - rint(blur)`` is written into it
-    at least at every foreground voxel, from the same blur.
+    Returns ``(foreground, voxels, blurred, seeds)``: ``foreground`` bool
+    (z, y, x); ``voxels`` the flat indices (int64) of its voxels in raster
+    order; ``blurred`` the float32 blur at those voxels (the threshold applies
+    to it unrounded, so it means what the config says); ``seeds`` bool, which
+    of those voxels have ``heat > seed_threshold``. Only the foreground is
+    block-sized. Slices are spread over ``pool``'s threads.
     """
-    if blur_sigma <= 0:
-        if landscape is not None:
-            np.subtract(255, heat, out=landscape)
-        return heat > foreground_threshold
-    foreground = np.zeros(heat.shape, dtype=bool)
+    depth, plane = heat.shape[0], heat.shape[1] * heat.shape[2]
+    foreground = np.empty(heat.shape, dtype=bool)
 
-    def blur_slab(z_start: int) -> None:
-        for z in range(z_start, min(z_start + SLAB_SLICES, heat.shape[0])):
-            _blur_threshold_slice(
-                heat[z], foreground[z], blur_sigma, foreground_threshold, None if landscape is None else landscape[z]
-            )
+    def slab(z_start: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        found = []
+        for z in range(z_start, min(z_start + SLAB_SLICES, depth)):
+            if blur_sigma > 0:
+                smooth = blur_slice(heat[z], blur_sigma)
+            else:
+                smooth = heat[z].astype(np.float32)
+            np.greater(smooth, foreground_threshold, out=foreground[z])
+            inside = np.flatnonzero(foreground[z])
+            found.append((inside + z * plane, smooth.reshape(-1)[inside], heat[z].reshape(-1)[inside] > seed_threshold))
+        return found
 
-    for _ in _run(pool, blur_slab, range(0, heat.shape[0], SLAB_SLICES)):
-        pass
-    return foreground
+    found = [part for parts in _run(pool, slab, range(0, depth, SLAB_SLICES)) for part in parts]
+    if not found:
+        return foreground, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
+    voxels, blurred, seeds = (np.concatenate(column) for column in zip(*found))
+    return foreground, voxels, blurred, seeds
 
 
 try:
@@ -232,73 +184,69 @@ except ImportError:  # a skimage that moved it: the public function gives the sa
     _watershed_raveled = None
 
 
-def flood_box(
-    landscape: np.ndarray, inside: np.ndarray, marker_coordinates: tuple[np.ndarray, ...], marker_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded watershed (face connectivity) of ``landscape`` (uint8 (z, y, x), low = basin core) inside ``inside``.
+def _box(coordinates: tuple[np.ndarray, ...]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The voxels' bounding box with a margin of one voxel: (its shape, their flat indices in it)."""
+    low = [int(c.min()) - 1 for c in coordinates]
+    padded = tuple(int(c.max()) - lo + 2 for c, lo in zip(coordinates, low))
+    local = (coordinates[0] - low[0]) * (padded[1] * padded[2])
+    local += (coordinates[1] - low[1]) * padded[2]
+    local += coordinates[2] - low[2]
+    return padded, local
 
-    ``inside``: bool, same shape; ``marker_coordinates``: (z, y, x) index arrays
-    of the seed voxels (all inside), ``marker_ids``: their ids (> 0). Returns
-    (regions, inside): int32 (z, y, x) seed id of each inside voxel (0
-    elsewhere) and a bool array equal to ``inside``. Equals
-    ``skimage.segmentation.watershed(landscape, markers, mask=inside, connectivity=1)``.
-    """
+
+def _flood(padded: tuple[int, int, int], local: np.ndarray, landscape: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """``flood_voxels`` in the box ``padded`` whose margin holds none of the voxels at ``local``."""
+    size = padded[0] * padded[1] * padded[2]
     if _watershed_raveled is None:
-        markers = np.zeros(inside.shape, dtype=np.int32)
-        markers[marker_coordinates] = marker_ids
-        return watershed(landscape, markers, mask=inside, connectivity=1), inside
-    # A margin of mask 0 lets the kernel step to neighbours without bounds checks.
-    padded = tuple(n + 2 for n in inside.shape)
-    core = (slice(1, -1),) * 3
-    mask = np.zeros(padded, dtype=np.int8)
-    mask[core] = inside
+        image = np.zeros(size, dtype=np.float64)
+        image[local] = landscape
+        mask = np.zeros(size, dtype=bool)
+        mask[local] = True
+        marker_image = np.zeros(size, dtype=np.int32)
+        marker_image[local] = markers
+        flooded = watershed(
+            image.reshape(padded), marker_image.reshape(padded), mask=mask.reshape(padded), connectivity=1
+        )
+        return flooded.reshape(-1)[local].astype(np.int32)
+    # The margin (mask 0) lets the kernel step to neighbours without bounds checks.
+    mask = np.zeros(size, dtype=np.int8)
+    mask[local] = 1
     # The kernel reads the landscape only where the mask is set.
-    image = np.empty(padded, dtype=np.float64)
-    image[core] = landscape
-    output = np.zeros(padded, dtype=np.int32)
-    locations = np.ravel_multi_index(tuple(c + 1 for c in marker_coordinates), padded).astype(np.intp)
-    output.reshape(-1)[locations] = marker_ids
+    image = np.empty(size, dtype=np.float64)
+    image[local] = landscape
+    output = np.zeros(size, dtype=np.int32)
+    is_marker = markers > 0
+    locations = local[is_marker]
+    output[locations] = markers[is_marker]
     row, plane = padded[2], padded[1] * padded[2]
     # The order skimage uses for connectivity 1; it decides ties between equal-priority voxels.
     neighbours = np.array([-plane, -row, -1, 1, row, plane], dtype=np.intp)
     strides = np.array([plane, row, 1], dtype=np.intp)
-    _watershed_raveled(
-        image.reshape(-1), locations, neighbours, mask.reshape(-1), strides, 0.0, output.reshape(-1), False
-    )
-    return output[core], mask[core].view(bool)
+    _watershed_raveled(image, locations.astype(np.intp, copy=False), neighbours, mask, strides, 0.0, output, False)
+    return output[local]
 
 
-def _connected(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    labels, count = cc3d.connected_components(mask, connectivity=CONNECTIVITY, return_N=True, out_dtype=np.uint32)
-    return labels, int(count)
+def flood_voxels(coordinates: tuple[np.ndarray, ...], landscape: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """Seeded watershed (face connectivity) over a set of voxels.
 
-
-def _bounding_boxes(
-    voxels: np.ndarray, component_of_voxel: np.ndarray, components: np.ndarray, shape: tuple[int, int, int]
-) -> dict[int, tuple[slice, slice, slice]]:
-    """Bounding boxes of ``components`` from the flat indices ``voxels`` and their component ids."""
-    if len(components) == 0:
-        return {}
-    chosen = np.zeros(int(component_of_voxel.max()) + 1, dtype=bool)
-    chosen[components] = True
-    wanted = chosen[component_of_voxel]
-    ids = component_of_voxel[wanted]
-    # A stable sort of integers is a radix sort: it groups the voxels by component cheaply.
-    order = np.argsort(ids, kind="stable")
-    coordinates = np.unravel_index(voxels[wanted][order], shape)
-    starts = np.searchsorted(ids[order], components)
-    lows = [np.minimum.reduceat(c, starts) for c in coordinates]
-    highs = [np.maximum.reduceat(c, starts) for c in coordinates]
-    return {
-        int(component): tuple(slice(int(low[i]), int(high[i]) + 1) for low, high in zip(lows, highs))
-        for i, component in enumerate(components.tolist())
-    }
+    ``coordinates``: (z, y, x) integer arrays of the voxels to flood (the
+    mask), in raster order; ``landscape``: the image at each (low = basin
+    core); ``markers``: the seed id (> 0) of each voxel that is a seed, 0
+    elsewhere. Returns the id (int32) each voxel is flooded from, 0 where no
+    seed reaches it. Equals ``skimage.segmentation.watershed(image,
+    marker_image, mask=mask, connectivity=1)`` on the voxels' bounding box, at the voxels.
+    """
+    if len(landscape) == 0:
+        return np.zeros(0, dtype=np.int32)
+    padded, local = _box(coordinates)
+    return _flood(padded, local, landscape, markers)
 
 
 def seeded_watershed(
-    landscape: Callable[[tuple[slice, slice, slice]], np.ndarray],
     foreground: np.ndarray,
-    seed_mask: np.ndarray,
+    voxels: np.ndarray,
+    landscape: np.ndarray,
+    seeds: np.ndarray,
     min_seed_size: int,
     min_size: int,
     pool: ThreadPoolExecutor | None = None,
@@ -306,89 +254,87 @@ def seeded_watershed(
 ) -> np.ndarray:
     """Objects of a block: seeded watershed inside each foreground component, small ones removed.
 
-    ``foreground``, ``seed_mask``: bool (z, y, x); seeds are the 6-connected
-    components of ``seed_mask & foreground`` of at least ``min_seed_size``
-    voxels (``seed_mask`` is and-ed with ``foreground`` in place, to spare a
-    block-sized copy). ``landscape(box)`` returns the image to flood (uint8, low = basin
-    core) over a (z, y, x) box. A component with two or more seeds is split by
-    a watershed from them; one with fewer stays one object (a faint
-    mitochondrion without a confident core is still one). Objects below
+    ``foreground``: bool (z, y, x). ``voxels``: the flat indices of its voxels
+    in raster order (``np.flatnonzero(foreground)``); ``landscape``: the image
+    to flood at those voxels (low = basin core); ``seeds``: bool, which of them
+    are seed voxels. Seeds are the 6-connected components of the seed voxels
+    with at least ``min_seed_size`` voxels. A component with two or more seeds
+    is split by a watershed from them; one with fewer stays one object (a
+    faint mitochondrion without a confident core is still one). Objects below
     ``min_size`` voxels are removed. Returns uint32 (z, y, x) ids consecutive
     from 1, 0 = background; equal to one skimage watershed over the whole
     block (connectivity 1, mask = foreground) whose unseeded components are
     added as objects, up to how ties on flat plateaus of the landscape are
     broken (that depends on the order a watershed visits voxels in).
+
+    Only the foreground's labelling is block-sized (and becomes the result);
+    the rest works on the foreground voxels (a few per cent of the block).
+    A seed lies inside one component, so seeds are labelled per component,
+    in its bounding box, and only in components with enough seed voxels for
+    two seeds. Components go to ``pool``'s threads.
     """
-    seed_mask &= foreground
-    # The two labellings are independent: run them at once when there are threads.
-    if pool is not None:
-        seed_future = pool.submit(_connected, seed_mask)
-        labels, n_components = _connected(foreground)
-        seed_labels, n_seeds = seed_future.result()
-    else:
-        labels, n_components = _connected(foreground)
-        seed_labels, n_seeds = _connected(seed_mask)
+    labels, n_components = cc3d.connected_components(
+        foreground, connectivity=CONNECTIVITY, return_N=True, out_dtype=np.uint32
+    )
+    flat = labels.reshape(-1)
+    # The component of each foreground voxel, then its object id.
+    region = flat[voxels]
+    min_seed_size = max(1, min_seed_size)
+    seed_voxels = np.bincount(region[seeds], minlength=n_components + 1)
+    candidates = np.flatnonzero(seed_voxels >= 2 * min_seed_size)
+    candidates = candidates[candidates > 0]
 
-    # Foreground is a few per cent of the block and seeds fewer still: the
-    # statistics are taken over their voxels' flat indices, not the block.
-    foreground_voxels = np.flatnonzero(foreground)
-    component_of_voxel = labels.reshape(-1)[foreground_voxels]
-    seed_voxels = np.flatnonzero(seed_mask)
-    seed_of_voxel = seed_labels.reshape(-1)[seed_voxels]
-    del seed_labels
-    seed_sizes = np.bincount(seed_of_voxel, minlength=n_seeds + 1)
-    component_of_seed = np.zeros(n_seeds + 1, dtype=np.int64)
-    component_of_seed[seed_of_voxel] = labels.reshape(-1)[seed_voxels]
-    big_seed = seed_sizes >= max(1, min_seed_size)
-    big_seed[0] = False
-    seeds_per_component = np.bincount(component_of_seed[big_seed], minlength=n_components + 1)
-    multi_seed = np.flatnonzero(seeds_per_component >= 2)
-    # The markers of each flood, from the seed voxels, not from a scan of its box.
-    flooded = np.zeros(n_components + 1, dtype=bool)
-    flooded[multi_seed] = True
-    is_marker = big_seed[seed_of_voxel]
-    is_marker &= flooded[component_of_seed[seed_of_voxel]]
-    marker_voxels, marker_seeds = seed_voxels[is_marker], seed_of_voxel[is_marker]
-    order = np.argsort(component_of_seed[marker_seeds], kind="stable")
-    marker_voxels, marker_seeds = marker_voxels[order], marker_seeds[order]
-    marker_starts = np.searchsorted(component_of_seed[marker_seeds], multi_seed)
-    marker_stops = np.append(marker_starts[1:], len(marker_seeds))
-    marker_range = dict(zip(multi_seed.tolist(), zip(marker_starts.tolist(), marker_stops.tolist())))
-    del seed_voxels, seed_of_voxel, is_marker, order
+    # The voxels of each candidate, grouped by component and in raster order
+    # within it (a stable sort; of small integers it is a radix sort).
+    rank = np.full(n_components + 1, len(candidates), dtype=np.uint16 if len(candidates) < 2**16 else np.int64)
+    rank[candidates] = np.arange(len(candidates))
+    voxel_rank = rank[region]
+    members = np.flatnonzero(voxel_rank < len(candidates))
+    voxel_rank = voxel_rank[members]
+    order = np.argsort(voxel_rank, kind="stable")
+    members = members[order]
+    starts = np.searchsorted(voxel_rank[order], np.arange(len(candidates) + 1))
+    del voxel_rank, order
 
-    # Region ids: components keep theirs; the watershed regions of component c
-    # get n_components + seed id, so no two objects share an id.
-    sizes = np.zeros(n_components + n_seeds + 1, dtype=np.int64)
-    sizes[: n_components + 1] = np.bincount(component_of_voxel, minlength=n_components + 1)
-    boxes = _bounding_boxes(foreground_voxels, component_of_voxel, multi_seed, labels.shape)
-    del foreground_voxels, component_of_voxel
+    def flood(index: int) -> None:
+        picked = members[starts[index] : starts[index + 1]]
+        coordinates = np.unravel_index(voxels[picked], labels.shape)
+        padded, local = _box(coordinates)
+        is_seed = seeds[picked]
+        seed_box = np.zeros(padded, dtype=bool)
+        seed_box.reshape(-1)[local[is_seed]] = True
+        seed_ids = cc3d.connected_components(seed_box, connectivity=CONNECTIVITY).reshape(-1)[local[is_seed]]
+        big = np.bincount(seed_ids) >= min_seed_size
+        big[0] = False
+        if big.sum() < 2:
+            return  # one object as it stands
+        markers = np.zeros(len(picked), dtype=np.int32)
+        markers[is_seed] = (np.cumsum(big) * big).astype(np.int32)[seed_ids]
+        flooded = _flood(padded, local, landscape[picked], markers)
+        # Region ids above n_components, unique across components: component
+        # index holds at most (its voxels // min_seed_size) seeds, so the ranges
+        # [base, base + seeds] of consecutive components never overlap. Threads
+        # write disjoint voxels (each its own component's); every voxel of a
+        # connected component that holds seeds is reached, so none gets 0.
+        base = n_components + index + int(starts[index]) // min_seed_size
+        region[picked] = flooded.astype(np.uint32) + np.uint32(base)
 
-    def flood(component: int) -> tuple[int, np.ndarray]:
-        box = boxes[component]
-        box_labels = labels[box]  # a view: writing it writes the output
-        start, stop = marker_range[component]
-        markers = np.unravel_index(marker_voxels[start:stop], labels.shape)
-        markers = tuple(m - s.start for m, s in zip(markers, box))
-        regions, inside = flood_box(landscape(box), box_labels == component, markers, marker_seeds[start:stop])
-        region_ids = regions[inside].astype(np.int64)
-        # Threads write disjoint voxels (each its own component's); new ids are
-        # above n_components, so they never read as another component.
-        box_labels[inside] = region_ids + n_components
-        return component, np.bincount(region_ids, minlength=n_seeds + 1)
-
-    floods = _run(pool, flood, multi_seed.tolist())
-    for component, region_sizes in tqdm(
-        floods, total=len(multi_seed), desc="watershed", unit="object", file=sys.stderr, disable=not progress
+    # Largest first, so that threads finish together; the order changes nothing else.
+    by_size = np.argsort(-np.diff(starts), kind="stable").tolist()
+    for _ in tqdm(
+        _run(pool, flood, by_size), total=len(by_size), desc="watershed", unit="object",
+        file=sys.stderr, disable=not progress,
     ):
-        sizes[component] = 0
-        sizes[n_components + 1 :] += region_sizes[1:]
+        pass
 
-    # Size filter and consecutive renumbering in one table lookup.
+    # Size filter and consecutive renumbering in one table lookup, at the foreground voxels only.
+    sizes = np.bincount(region, minlength=1)
     keep = sizes >= max(1, min_size)
     keep[0] = False
     lut = np.zeros(len(sizes), dtype=np.uint32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    return apply_lut(labels, lut)
+    flat[voxels] = lut[region]
+    return labels
 
 
 def _check_heat(heat: np.ndarray, name: str) -> None:
@@ -407,25 +353,19 @@ def segment_block(heat: np.ndarray, params: dict[str, Any] | None = None, progre
     ``heat``: uint8 (z, y, x), foreground probability * 255. ``params``: the
     ``segment`` config section (missing keys take the schema defaults).
     Returns uint32 (z, y, x) object ids, consecutive from 1, 0 = background.
-    Sizes are in voxels at the heatmap's resolution.
+    Sizes are in voxels at the heatmap's resolution. The watershed floods the
+    inverted blurred heat (float32), as the original recipe does.
     """
     _check_heat(heat, "heat")
     params = with_defaults("segment", params)
-    sigma = params["blur_sigma"]
     pool = _thread_pool(params["threads"])
     try:
-        # Inverted blurred heat, rounded to uint8 as the heat itself is, kept from
-        # the thresholding pass so that the watershed boxes need no second blur.
-        # Only pages near foreground are ever written (zeros from calloc cost nothing).
-        landscape_map = np.zeros(heat.shape, dtype=np.uint8)
-        foreground = blur_and_threshold(heat, sigma, params["foreground_threshold"], pool, landscape_map)
-        seed_mask = heat > params["seed_threshold"]
-
-        def landscape(box: tuple[slice, slice, slice]) -> np.ndarray:
-            return landscape_map[box]
-
+        foreground, voxels, blurred, seeds = blur_and_threshold(
+            heat, params["blur_sigma"], params["foreground_threshold"], pool, params["seed_threshold"]
+        )
+        landscape = np.negative(blurred, out=blurred)
         return seeded_watershed(
-            landscape, foreground, seed_mask, params["min_seed_size"], params["min_size"], pool, progress
+            foreground, voxels, landscape, seeds, params["min_seed_size"], params["min_size"], pool, progress
         )
     finally:
         if pool is not None:
@@ -452,14 +392,13 @@ def bc_watershed(
     pool = _thread_pool(params["threads"])
     try:
         foreground = binary > params["bc_foreground"]
-        seed_mask = binary > params["bc_seed_foreground"]
-        seed_mask &= contour < params["bc_seed_contour"]
-
-        def landscape(box: tuple[slice, slice, slice]) -> np.ndarray:
-            return 255 - binary[box]
-
+        voxels = np.flatnonzero(foreground)
+        binary_at = binary.reshape(-1)[voxels]
+        seeds = binary_at > params["bc_seed_foreground"]
+        seeds &= contour.reshape(-1)[voxels] < params["bc_seed_contour"]
+        landscape = 255 - binary_at
         return seeded_watershed(
-            landscape, foreground, seed_mask, params["bc_min_seed_size"], params["bc_min_size"], pool, progress
+            foreground, voxels, landscape, seeds, params["bc_min_seed_size"], params["bc_min_size"], pool, progress
         )
     finally:
         if pool is not None:
