@@ -1,20 +1,27 @@
 """Quality on real EM: train on CDeep3M v2018/training, judge infer -> segment -> evaluate on the validation volumes.
 
-    .venv/bin/python benchmarks/quality_cdeep3m.py [--data DIR] [--minutes 40] [--tta]
+    .venv/bin/python benchmarks/quality_cdeep3m.py [--data DIR] [--minutes 40] [--tta 8] [--tune]
+        [--head embedding [--decoder embedding_cluster|nearest_neighbour] [--support-sizes 64,256,...]]
 
 ``--data`` defaults to $EMMITO_CDEEP3M, else ../shared/data/cdeep3m-mito beside
 the repository. The settings are configs/cdeep3m.yaml's (model, train, infer,
-segment); ``--minutes`` caps training wall time (train.max_minutes). Nothing is
-written into the data folder or the repository: the checkpoint and the
-per-volume metrics go to a temporary folder (``--keep DIR`` keeps them).
+segment), or ``--config``'s; ``--minutes`` caps training wall time
+(train.max_minutes). ``--head embedding`` trains the same network with an
+embedding head (multi-task with the binary target, the discriminative loss)
+and segments with ``--decoder`` (default embedding_cluster; nearest_neighbour
+classifies by the support set drawn from the training volume's embeddings,
+``--support-sizes`` adds a table of NNC foreground IoU against its size).
+Nothing is written into the data folder or the repository: the checkpoint and
+the per-volume metrics go to a temporary folder (``--keep DIR`` keeps them).
 
 The chain is the package's own functions on whole volumes: the image is
 mean-pooled by infer.downsample_xy and predicted with ``predict_slices``
-(which equals chunked inference by construction), segmented as one block with
-``segment.decode``, upsampled to full resolution with ``upsample_labels`` and
-scored with ``evaluate_arrays`` against the 3D connected components of the
-mask (as ``convert`` makes them). Validation is never used for training or
-for choosing anything. The last line is ``cdeep3m_val_iou: X``.
+(which equals chunked inference by construction; ``--tta`` as infer.tta),
+segmented as one block with ``segment.decode``, upsampled to full resolution
+with ``upsample_labels`` and scored with ``evaluate_arrays`` against the 3D
+connected components of the mask (as ``convert`` makes them). Validation is
+never used for training or for choosing anything (``--tune`` picks segment
+thresholds on the training volume). The last line is ``cdeep3m_val_iou: X``.
 """
 
 from __future__ import annotations
@@ -35,13 +42,16 @@ sys.path.insert(0, str(REPO / "src"))
 
 from emmito import config as config_module  # noqa: E402
 from emmito.convert import binary_to_instances  # noqa: E402
+from emmito.embedding import heat_to_embeddings, nearest_neighbour_classify  # noqa: E402
 from emmito.evaluate import evaluate_arrays  # noqa: E402
-from emmito.infer import job_threads, mean_pool_xy, to_heat  # noqa: E402
+from emmito.infer import TTA_COUNTS, job_threads, load_checkpoint, mean_pool_xy, to_heat  # noqa: E402
 from emmito.io import list_slices, read_png_slice, write_json  # noqa: E402
-from emmito.model import FlipAverage, parameter_count  # noqa: E402
-from emmito.segment import decode  # noqa: E402
-from emmito.train import predict_volume, save_checkpoint, train_model  # noqa: E402
+from emmito.model import embedding_dim, parameter_count  # noqa: E402
+from emmito.segment import decode, resolve_decoder  # noqa: E402
+from emmito.train import pool_volume, predict_volume, save_checkpoint, support_set, train_model  # noqa: E402
 from emmito.upsample import upsample_labels  # noqa: E402
+
+DECODERS = ("auto", "heat_watershed", "bc_watershed", "embedding_cluster", "nearest_neighbour")
 
 
 def load_stack(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -51,44 +61,61 @@ def load_stack(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, binary_to_instances(mask)
 
 
-def decoder_channels(target: str) -> str:
-    """The segment decoder that fits a model target."""
-    return "bc_watershed" if target == "binary_contour" else "heat_watershed"
+def predict_heat(model: torch.nn.Module, image: np.ndarray, params: dict, input_norm: dict | None) -> np.ndarray:
+    """uint8 heat (channel, z, y, x) of a full-resolution uint8 volume, at the inference scale, as infer writes it."""
+    pooled = mean_pool_xy(image, params["infer"]["downsample_xy"])
+    return to_heat(predict_volume(model, pooled, params, "cpu", input_norm, tta=params["infer"]["tta"]))
 
 
-def predict_heat(model: torch.nn.Module, image: np.ndarray, params: dict) -> np.ndarray:
-    """uint8 heat (channel, z, y, x) of a full-resolution uint8 volume, at the inference scale."""
-    return to_heat(predict_volume(model, mean_pool_xy(image, params["infer"]["downsample_xy"]), params, "cpu"))
-
-
-def score_heat(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str], segment_cfg: dict) -> dict:
+def score_heat(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str], segment_cfg: dict, support=None) -> dict:
     """segment -> upsample -> evaluate of one volume's heat against full-resolution instance ids."""
-    segment_cfg = {**segment_cfg, "decoder": decoder_channels(params["model"]["target"])}
-    labels = decode({name: heat[i] for i, name in enumerate(channels)}, segment_cfg)
+    labels = decode(dict(zip(channels, heat)), segment_cfg, support=support)
     full = upsample_labels(labels, params["infer"]["downsample_xy"], gt.shape[1:])
     return evaluate_arrays(full, gt)
 
 
-def evaluate_volume(model: torch.nn.Module, image: np.ndarray, gt: np.ndarray, params: dict, channels: list[str]) -> dict:
-    """Full chain on one in-memory volume -> evaluate's metrics dict."""
-    return score_heat(predict_heat(model, image, params), gt, params, channels, params["segment"])
-
-
-def tune_segment(model: torch.nn.Module, image: np.ndarray, gt: np.ndarray, params: dict, channels: list[str]) -> dict:
-    """The segment section with foreground_threshold and min_size chosen by IoU + F1 + 2D F1 on (training) data."""
-    heat = predict_heat(model, image, params)
+def tune_segment(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str], support=None) -> dict:
+    """The segment section with its foreground threshold and minimum size chosen by IoU + F1 + 2D F1 on (training) data."""
+    decoder = resolve_decoder(params["segment"]["decoder"], channels)[0]
+    threshold_key, size_key = {
+        "heat_watershed": ("foreground_threshold", "min_size"),
+        "bc_watershed": ("bc_foreground", "bc_min_size"),
+        "embedding_cluster": ("embedding_foreground", "embedding_min_size"),
+        "nearest_neighbour": ("nnc_threshold", "embedding_min_size"),
+    }[decoder]
+    thresholds = (0.3, 0.4, 0.5, 0.6, 0.7) if decoder == "nearest_neighbour" else (64, 96, 128, 160, 192)
     best, best_score = dict(params["segment"]), -1.0
-    for threshold in (64, 96, 128, 160, 192):
+    for threshold in thresholds:
         for min_size in (300, 600, 1000):
-            candidate = {**params["segment"], "foreground_threshold": threshold, "min_size": min_size,
-                         "seed_threshold": max(params["segment"]["seed_threshold"], threshold)}
-            metrics = score_heat(heat, gt, params, channels, candidate)
+            candidate = {**params["segment"], threshold_key: threshold, size_key: min_size}
+            if decoder == "heat_watershed":
+                candidate["seed_threshold"] = max(params["segment"]["seed_threshold"], threshold)
+            metrics = score_heat(heat, gt, params, channels, candidate, support)
             score = metrics["voxel_iou"] + metrics["instance_f1"] + metrics["f1_2d"]
-            print(f"tune on training: foreground_threshold {threshold} min_size {min_size}: iou {metrics['voxel_iou']:.3f} "
+            print(f"tune on training: {threshold_key} {threshold} {size_key} {min_size}: iou {metrics['voxel_iou']:.3f} "
                   f"f1 {metrics['instance_f1']:.3f} f1_2d {metrics['f1_2d']:.3f}", file=sys.stderr)
             if score > best_score:
                 best, best_score = candidate, score
     return best
+
+
+def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image: np.ndarray, gt: np.ndarray, params: dict, sizes: list[int]) -> None:
+    """Print NNC foreground IoU (every voxel classified, at the inference scale) against the support-set size."""
+    dim = embedding_dim(params["model"])
+    heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
+    embeddings = heat_to_embeddings(heat[-dim:])
+    truth = pool_volume(image, gt, params["infer"]["downsample_xy"])[1] > 0
+    print("| support voxels | k | NNC foreground IoU (v2018 validation) | seconds |")
+    print("| ---: | ---: | ---: | ---: |")
+    for size in sizes:
+        support_params = {**params, "train": {**params["train"], "discriminative": {**params["train"]["discriminative"], "support_voxels": size}}}
+        features, classes = support_set(checkpoint, [train], support_params)
+        k = min(params["segment"]["nnc_k"], max(1, size // 8))  # at most a quarter of a class, or votes tie whole classes
+        tic = time.perf_counter()
+        _, class_map = nearest_neighbour_classify(embeddings, features, classes, k)
+        predicted = class_map > 0
+        iou = np.count_nonzero(predicted & truth) / max(1, np.count_nonzero(predicted | truth))
+        print(f"| {size} | {k} | {iou:.3f} | {time.perf_counter() - tic:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -98,51 +125,72 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "cdeep3m.yaml")
     parser.add_argument("--minutes", type=float, default=40.0, help="training wall-time budget (at most 60 on CPU)")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
-    parser.add_argument("--tta", type=int, default=0, help="average predictions over this many yx flips/transposes (0 - off, up to 8)")
+    parser.add_argument("--threads", type=int, default=None, help="override train.threads and infer.threads")
+    parser.add_argument("--tta", type=int, default=None, choices=TTA_COUNTS, help="override infer.tta (flip/transpose variants)")
+    parser.add_argument("--head", choices=("target", "embedding"), default=None, help="override model.head")
+    parser.add_argument("--embedding-dim", type=int, default=None, help="override model.embedding_dim")
+    parser.add_argument("--decoder", choices=DECODERS, default=None,
+                        help="override segment.decoder (with --head embedding the default is embedding_cluster)")
+    parser.add_argument("--support-sizes", default="", help="comma-separated support-set sizes for an NNC IoU table")
     parser.add_argument("--tune", action="store_true", help="choose segment thresholds on the training volume (never on validation)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--keep", type=Path, default=None, help="folder (outside the repo) to keep checkpoint and metrics in")
     args = parser.parse_args()
+    if not (args.data / "v2018").is_dir():
+        sys.exit(f"{args.data}/v2018 not found: pass --data or set EMMITO_CDEEP3M")
 
     params = config_module.load(args.config)
     params["train"]["max_minutes"] = args.minutes
     if args.iterations:
         params["train"]["iterations"] = args.iterations
+    if args.threads is not None:
+        params["train"]["threads"] = params["infer"]["threads"] = args.threads
+    if args.tta is not None:
+        params["infer"]["tta"] = args.tta
+    if args.head:
+        params["model"]["head"] = args.head
+    if args.embedding_dim:
+        params["model"]["embedding_dim"] = args.embedding_dim
+    if args.decoder:
+        params["segment"]["decoder"] = args.decoder
+    elif params["model"]["head"] == "embedding":
+        params["segment"]["decoder"] = "embedding_cluster"
+    params = config_module.validate(params, source=str(args.config))
     torch.set_num_threads(job_threads(params["train"]["threads"]))
     out_dir = args.keep or Path(tempfile.mkdtemp(prefix="emmito-cdeep3m-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from emmito.infer import load_checkpoint
-
+    train = load_stack(args.data / "v2018" / "training")
     if args.checkpoint is None:
-        train_image, train_gt = load_stack(args.data / "v2018" / "training")
-        print(f"training on {train_image.shape} for at most {args.minutes} min", file=sys.stderr)
+        print(f"training on {train[0].shape} for at most {args.minutes} min", file=sys.stderr)
         started = time.perf_counter()
-        checkpoint, metrics = train_model([(train_image, train_gt)], [], params, device="cpu")
+        checkpoint, metrics = train_model([train], [], params, device="cpu")
         minutes = (time.perf_counter() - started) / 60
         checkpoint_path = out_dir / "cdeep3m.pt"
         save_checkpoint(checkpoint_path, checkpoint)
         (out_dir / "train_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
-        iterations = checkpoint["iteration"]
     else:
-        checkpoint_path, minutes, iterations = args.checkpoint, float("nan"), None
+        checkpoint_path, minutes = args.checkpoint, float("nan")
     model, checkpoint = load_checkpoint(checkpoint_path, params["model"])
-    iterations = checkpoint["iteration"] if iterations is None else iterations
+    model = model.model  # the bare network: predict_volume wraps it for the heat of every channel
     channels = list(checkpoint["channels"])
-    if args.tta:
-        model = FlipAverage(model, params["model"]["target"], transforms=args.tta)
+    support = support_set(checkpoint, [train], params) if params["segment"]["decoder"] == "nearest_neighbour" else None
     if args.tune:
-        train_image, train_gt = load_stack(args.data / "v2018" / "training")
-        params["segment"] = tune_segment(model, train_image, train_gt, params, channels)
-        print(f"segment chosen on training: foreground_threshold {params['segment']['foreground_threshold']}, "
-              f"min_size {params['segment']['min_size']}")
+        heat = predict_heat(model, train[0], params, checkpoint.get("input_norm"))
+        params["segment"] = tune_segment(heat, train[1], params, channels, support)
+        print(f"segment chosen on training: {json.dumps(params['segment'], sort_keys=True)}")
 
     results = {}
     for name, folder in (("v2018", args.data / "v2018" / "validation"), ("v2020", args.data / "v2020" / "validation")):
         image, gt = load_stack(folder)
-        results[name] = evaluate_volume(model, image, gt, params, channels)
+        heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
+        results[name] = score_heat(heat, gt, params, channels, params["segment"], support)
         write_json(out_dir / f"metrics_{name}.json", results[name])
-    print(f"checkpoint: {checkpoint_path} ({parameter_count(model)} parameters, {iterations} iterations, tta={args.tta})")
+        if name == "v2018" and args.support_sizes:
+            support_table(model, checkpoint, train, image, gt, params, [int(s) for s in args.support_sizes.split(",")])
+    decoder = resolve_decoder(params["segment"]["decoder"], channels)[0]
+    print(f"checkpoint: {checkpoint_path} ({parameter_count(model)} parameters, {checkpoint['iteration']} iterations, "
+          f"head={params['model']['head']}, decoder={decoder}, tta={params['infer']['tta']})")
     v2020, v2018 = results["v2020"], results["v2018"]
     print(
         f"cdeep3m_v2020_val_iou: {v2020['voxel_iou']:.4f}  cdeep3m_v2020_val_f1: {v2020['instance_f1']:.4f}  "
@@ -152,7 +200,7 @@ def main() -> None:
         f"cdeep3m_val_precision: {v2018['voxel_precision']:.4f}  cdeep3m_val_recall: {v2018['voxel_recall']:.4f}  "
         f"objects gt/pred/matched: {v2018['gt_objects']}/{v2018['predicted_objects']}/{v2018['matched_objects']}"
     )
-    print(f"training_minutes: {minutes:.1f}  training_iterations: {iterations}")
+    print(f"training_minutes: {minutes:.1f}  training_iterations: {checkpoint['iteration']}")
     print(f"cdeep3m_val_f1_2d: {v2018['f1_2d']:.4f}")
     print(f"cdeep3m_val_f1: {v2018['instance_f1']:.4f}")
     print(f"cdeep3m_val_iou: {v2018['voxel_iou']:.4f}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

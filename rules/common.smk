@@ -30,6 +30,16 @@ CHUNK_SLICES = config["infer"]["chunk_slices"]
 BLOCK_SLICES = config["merge"]["block_slices"]
 BLOCK_OVERLAP = config["merge"]["block_overlap"]
 CONDA_ENV = "../envs/emmito.yaml"
+EMBEDDING_HEAD = config["model"]["head"] == "embedding"
+EMBEDDING_DECODERS = ("embedding_cluster", "nearest_neighbour")
+# The support set the nearest_neighbour decoder reads: written beside the checkpoint by train.
+SUPPORT_SET = config["segment"]["support_set"] or f"{MODEL_DIR}/support.npz"
+NEEDS_SUPPORT = config["segment"]["decoder"] == "nearest_neighbour"
+if config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDING_HEAD:
+    raise WorkflowError(
+        f"segment.decoder {config['segment']['decoder']} reads embeddings, but model.head is "
+        f"{config['model']['head']}: set model.head embedding (and retrain), or pick segment.decoder auto"
+    )
 
 
 @cache
@@ -137,6 +147,27 @@ def merge_chunks(wildcards):
     return [f"results/{wildcards.vol}/heat/chunk_{c}.h5" for c in chunk_indices]
 
 
+def segment_inputs(wildcards):
+    inputs = {"heat": f"results/{wildcards.vol}/heat/block_{wildcards.block}.h5"}
+    if NEEDS_SUPPORT:
+        inputs["support"] = SUPPORT_SET
+    return inputs
+
+
+def train_outputs():
+    outputs = {
+        "checkpoint": f"{MODEL_DIR}/checkpoint.pt",
+        "metrics": f"{MODEL_DIR}/metrics.jsonl",
+    }
+    if EMBEDDING_HEAD:
+        outputs["support"] = f"{MODEL_DIR}/support.npz"
+    return outputs
+
+
+def support_arg(wildcards, output):
+    return f"--support {output.support}" if EMBEDDING_HEAD else ""
+
+
 def trace_blocks(wildcards):
     return [
         f"results/{wildcards.vol}/seg/block_{b}.h5"
@@ -154,12 +185,20 @@ def evaluate_inputs(wildcards):
 # ---- parameters ------------------------------------------------------------------
 
 
-def stage_params(*sections):
+def stage_params(*sections, **overrides):
     """The config sections a stage reads, as one shell-quoted JSON argument.
 
     Being a param, a change in these values makes Snakemake rerun the stage.
+    ``overrides``: {section: {key: value}} set on top (paths the workflow resolves).
     """
-    chosen = {s: config[s] for s in sections}
+    chosen = {
+        s: (
+            {**config[s], **overrides.get(s, {})}
+            if isinstance(config[s], dict)
+            else config[s]
+        )
+        for s in sections
+    }
     chosen["emmito_version"] = emmito.__version__
     return shlex.quote(json.dumps(chosen, sort_keys=True, separators=(",", ":")))
 

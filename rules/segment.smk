@@ -1,7 +1,7 @@
 rule segment:
     """Instance segmentation of heatmap block {block}; ids are local to the block."""
     input:
-        "results/{vol}/heat/block_{block}.h5",
+        unpack(segment_inputs),
     output:
         "results/{vol}/seg/block_{block}.h5",
     log:
@@ -15,6 +15,8 @@ rule segment:
         mem_mb=mem_mb(block_slices_of, 24),
         runtime=runtime_minutes(120),
     params:
-        config=stage_params("segment"),
+        config=stage_params(
+            "segment", segment={"support_set": SUPPORT_SET} if NEEDS_SUPPORT else {}
+        ),
     shell:
-        "emmito segment {input} {output} --params {params.config} > {log} 2>&1"
+        "emmito segment {input.heat} {output} --params {params.config} > {log} 2>&1"

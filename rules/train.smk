@@ -1,10 +1,9 @@
 rule train:
-    """Train the 3D U-Net on the labelled volumes (GPU rule; runs on CPU where there is none)."""
+    """Train the U-Net on the labelled volumes (GPU rule; runs on CPU where there is none); an embedding head also writes its support set."""
     input:
         train_inputs,
     output:
-        checkpoint=f"{MODEL_DIR}/checkpoint.pt",
-        metrics=f"{MODEL_DIR}/metrics.jsonl",
+        **train_outputs(),
     log:
         f"{MODEL_DIR}/train.log",
     benchmark:
@@ -18,7 +17,8 @@ rule train:
         runtime=runtime_minutes(24 * 60),
     params:
         volumes=train_args,
+        support=support_arg,
         config=stage_params("seed", "model", "train", "infer"),
     shell:
         "emmito train {params.volumes} --checkpoint {output.checkpoint} --metrics {output.metrics}"
-        " --params {params.config} > {log} 2>&1"
+        " {params.support} --params {params.config} > {log} 2>&1"

@@ -310,19 +310,3 @@ def test_cli_embedding_decoder_without_embeddings_or_support_says_what_to_do(tmp
     assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5"), "--params", params]) == 2
     assert "missing.npz" in capsys.readouterr().err
     assert not (tmp_path / "out.h5").exists()
-
-
-def test_2d_unet_is_the_3d_class_with_every_level_in_plane():
-    from emmito.model import UNet3D, patch_divisors
-
-    torch.manual_seed(0)
-    beyond = 99  # conv3d_from_level and pool_z_from_level past the depth: 1x3x3 convolutions, no z pooling
-    model = UNet3D([4, 8, 8], 1 + 3, conv3d_from_level=beyond, pool_z_from_level=beyond, norm="none").eval()
-    x = torch.randn(1, 1, 3, 16, 16)
-    with torch.no_grad():
-        whole = model(x)
-        alone = model(x[:, :, 1:2])
-    assert whole.shape == (1, 4, 3, 16, 16)
-    # No z mixing: a slice's output does not depend on its neighbours.
-    torch.testing.assert_close(whole[:, :, 1:2], alone)
-    assert patch_divisors({"filters": [4, 8, 8], "pool_z_from_level": beyond})[0] == 1

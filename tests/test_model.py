@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,19 +77,34 @@ def test_deep_supervision_heads_are_trained_outputs_that_inference_ignores():
     assert not any(k.startswith("aux_heads") for k in plain.state_dict())
 
 
-def test_flip_average_is_flip_invariant_and_returns_logits():
-    from emmito.model import FlipAverage
+def test_embedding_head_adds_channels_and_heat_model_maps_them_to_heat():
+    from emmito.embedding import embeddings_to_heat
+    from emmito.infer import to_heat
+    from emmito.model import heat_model, output_channels
 
     torch.manual_seed(0)
-    model = build_model(model_config(filters=[2, 4], conv3d_from_level=1, pool_z_from_level=1)).eval()
-    tta = FlipAverage(model)
+    config = model_config(filters=[2, 4], conv3d_from_level=1, pool_z_from_level=1, target="skeleton_distance",
+                          head="embedding", embedding_dim=3)
+    assert output_channels(config) == ["skeleton_distance", "emb0", "emb1", "emb2"]
+    model = build_model(config).eval()
     x = torch.randn(1, 1, 2, 8, 8)
     with torch.no_grad():
-        out = tta(x)
-        assert torch.allclose(tta(x.flip(4)).flip(4), out, atol=1e-5)
-        assert torch.allclose(tta(x.transpose(3, 4)).transpose(3, 4), out, atol=1e-5)
-        # One transform = the model itself, through sigmoid and back.
-        assert torch.allclose(FlipAverage(model, transforms=1)(x), model(x), atol=1e-4)
-        # skeleton_distance: sigmoid of the result is the mean of (tanh + 1) / 2.
-        single = FlipAverage(model, "skeleton_distance", transforms=1)(x)
-        assert torch.allclose(torch.sigmoid(single), (torch.tanh(model(x)) + 1) / 2, atol=1e-5)
+        raw = model(x)
+        probability = torch.sigmoid(heat_model(model, config)(x))
+    assert raw.shape == (1, 4, 2, 8, 8)
+    # Target: (tanh + 1) / 2; embeddings: exactly the heat that embeddings_to_heat stores.
+    assert torch.allclose(probability[:, 0], (torch.tanh(raw[:, 0]) + 1) / 2, atol=1e-6)
+    assert np.abs(to_heat(probability[:, 1:].numpy()).astype(int) - embeddings_to_heat(raw[:, 1:].numpy()).astype(int)).max() <= 1
+
+
+def test_two_dimensional_unet_treats_slices_independently():
+    config = model_config(filters=[2, 4, 8], dimensions=2, conv3d_from_level=0, pool_z_from_level=0)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert all(m.kernel_size[0] == 1 for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+    x = torch.randn(1, 1, 3, 16, 16)
+    with torch.no_grad():
+        whole = model(x)
+        single = model(x[:, :, 1:2])
+    assert torch.allclose(whole[:, :, 1:2], single, atol=1e-5)
+    check_patch([1, 16, 16], config)  # no z pooling: any depth fits

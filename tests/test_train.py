@@ -119,14 +119,19 @@ def test_training_learns_blobs_and_keeps_the_best_validation_state():
     assert np.count_nonzero(predicted & (label > 0)) / np.count_nonzero(predicted | (label > 0)) == pytest.approx(checkpoint["best_val_iou"], abs=1e-6)
 
 
-def test_train_cli_writes_checkpoint_and_metrics(tmp_path):
+def cli_args(tmp_path, **extra) -> argparse.Namespace:
+    """``emmito train`` arguments for one blob volume written to ``tmp_path``, outputs under tmp_path/model."""
     image, label = blob_volume(0)
     io.write_volume(tmp_path / "image.h5", image, voxel_size=[40, 8, 8])
     io.write_volume(tmp_path / "label.h5", label, voxel_size=[40, 8, 8])
-    args = argparse.Namespace(
+    return argparse.Namespace(
         train=[[tmp_path / "image.h5", tmp_path / "label.h5"]], val=[],
-        checkpoint=tmp_path / "model" / "checkpoint.pt", metrics=tmp_path / "model" / "metrics.jsonl",
+        checkpoint=tmp_path / "model" / "checkpoint.pt", metrics=tmp_path / "model" / "metrics.jsonl", **extra,
     )
+
+
+def test_train_cli_writes_checkpoint_and_metrics(tmp_path):
+    args = cli_args(tmp_path)
     run_cli(args, params(iterations=2))
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [1, 2] and all("loss" in line and "seconds" in line for line in lines)

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", nargs=2, action="append", default=[], metavar=("IMAGE", "LABEL"))
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True, help="JSON lines, one per logged iteration")
+    p.add_argument(
+        "--support", type=Path, default=None,
+        help="model.head embedding: support.npz to write (training-volume embeddings for segment.decoder nearest_neighbour)",
+    )
     _add_params(p)
 
     p = verbs.add_parser("infer", help="heatmap of one chunk of slices")

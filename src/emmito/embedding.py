@@ -94,8 +94,13 @@ class EmbeddingHeatLogits(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
         targets, embeddings = out[:, : self.target_channels], out[:, self.target_channels :]
-        share = (embeddings / (2.0 * self.embedding_range) + 0.5).clamp(1e-6, 1.0 - 1e-6)
-        return torch.cat([targets, torch.log(share) - torch.log1p(-share)], 1)
+        return torch.cat([targets, embedding_logits(embeddings, self.embedding_range)], 1)
+
+
+def embedding_logits(embeddings: torch.Tensor, embedding_range: float = DEFAULT_EMBEDDING_RANGE) -> torch.Tensor:
+    """The logit of ``clip(e / (2R) + 0.5, eps, 1 - eps)``: its sigmoid, times 255, is the heat of ``e``."""
+    share = (embeddings / (2.0 * embedding_range) + 0.5).clamp(1e-6, 1.0 - 1e-6)
+    return torch.log(share) - torch.log1p(-share)
 
 
 # ---- loss ----------------------------------------------------------------------------
@@ -108,10 +113,11 @@ def _norm(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_loss(
-    embeddings: torch.Tensor, instances: torch.Tensor, delta_var: float, delta_dist: float
+    embeddings: torch.Tensor, instances: torch.Tensor, delta_var: float, delta_dist: float, background: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(var, dist, reg) of one sample: embeddings (E, voxels), instances (voxels,) int, 0 = background."""
-    foreground = instances > 0
+    """(var, dist, reg) of one sample: embeddings (E, voxels), instances (voxels,) int, 0 = background
+    (ignored, or with ``background`` one more cluster)."""
+    foreground = instances >= 0 if background else instances > 0
     zero = embeddings.sum() * 0.0  # keeps the graph (and device, dtype) for samples without objects
     if not bool(foreground.any()):
         return zero, zero, zero
@@ -145,6 +151,7 @@ def discriminative_loss(
     gamma: float = 1e-4,
     alpha: float = 1.0,
     beta: float = 1.0,
+    background: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """De Brabandere et al.'s discriminative loss and its terms.
 
@@ -153,14 +160,17 @@ def discriminative_loss(
     var = mean over instances c of mean over its voxels of max(0, ||mu_c - x|| - delta_var)²;
     dist = mean over pairs c != c' of max(0, 2 delta_dist - ||mu_c - mu_c'||)²;
     reg = mean over c of ||mu_c||. Each term is averaged over the batch
-    (a sample without instances adds 0). Returns
+    (a sample without instances adds 0). With ``background``, the background
+    voxels (id 0) count as one more cluster, pulled together and pushed from
+    every instance, so that embeddings also tell mitochondrion from background
+    (which nearest-neighbour classification needs). Returns
     (alpha var + beta dist + gamma reg, {"var", "dist", "reg"}), scalar tensors.
     """
     if embeddings.ndim != instances.ndim + 1 or embeddings.shape[0] != instances.shape[0] or embeddings.shape[2:] != instances.shape[1:]:
         raise ValueError(f"embeddings (B, E, ...) {tuple(embeddings.shape)} and instances (B, ...) {tuple(instances.shape)} do not match")
     batch, dim = embeddings.shape[:2]
     terms = [
-        _sample_loss(embeddings[b].reshape(dim, -1), instances[b].reshape(-1).long(), delta_var, delta_dist)
+        _sample_loss(embeddings[b].reshape(dim, -1), instances[b].reshape(-1).long(), delta_var, delta_dist, background)
         for b in range(batch)
     ]
     var, dist, reg = (torch.stack(values).mean() for values in zip(*terms))

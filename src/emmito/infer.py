@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from emmito import blocks
 from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
-from emmito.model import ARCHITECTURE_KEYS, ProbabilityLogits, build_model, check_patch, target_channels
+from emmito.embedding import DEFAULT_EMBEDDING_RANGE
+from emmito.model import ARCHITECTURE_KEYS, build_model, check_patch, embedding_dim, heat_model, output_channels
 
 # Added to each 1D Gaussian so that a window's corners still count where nothing else covers a voxel.
 BLEND_EPSILON = 1e-3
@@ -524,9 +525,9 @@ def load_checkpoint(
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
         raise EmmitoError(f"{path}: its weights do not fit its model_config ({str(exc).splitlines()[0][:120]}): the file is corrupt; retrain") from None
-    # predict_slices applies a sigmoid; the wrapper makes that the right probability for
-    # every target (a tanh output for skeleton_distance), exactly as training validates.
-    model = ProbabilityLogits(model, trained["target"])
+    # predict_slices applies a sigmoid; the wrapper makes that the right heat for every
+    # channel (a tanh output for skeleton_distance, embeddings), exactly as training validates.
+    model = heat_model(model, trained)
     return model.to(device).eval(), checkpoint
 
 
@@ -627,7 +628,8 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     torch.set_num_threads(job_threads(infer_cfg["threads"]))
     device = pick_device()
     model, checkpoint = load_checkpoint(args.checkpoint, model_cfg, device)
-    channels = list(checkpoint.get("channels", target_channels(model_cfg["target"])))
+    channels = list(checkpoint.get("channels", output_channels(model_cfg)))
+    extra_attrs = {"embedding_range": DEFAULT_EMBEDDING_RANGE} if embedding_dim(model_cfg) else {}
     factor = infer_cfg["downsample_xy"]
 
     with open_volume(args.image) as image:
@@ -643,7 +645,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
             np.uint8,
             voxel_size=[voxel_size[0], voxel_size[1] * factor, voxel_size[2] * factor],
             offset=z_start,
-            attrs={"channels": channels, "volume_depth": depth, "downsample_xy": factor},
+            attrs={"channels": channels, "volume_depth": depth, "downsample_xy": factor, **extra_attrs},
         ) as heat_dataset:
             writer = AlignedWriter(heat_dataset)
 

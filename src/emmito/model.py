@@ -19,13 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from emmito.embedding import DEFAULT_EMBEDDING_RANGE, embedding_channel_names, embedding_logits
 from emmito.io import EmmitoError
 from emmito.targets import TARGET_CHANNELS, output_to_probability, target_channels
 
-__all__ = ["TARGET_CHANNELS", "output_to_probability", "target_channels", "UNet3D", "build_model", "FlipAverage"]
+__all__ = ["TARGET_CHANNELS", "output_to_probability", "target_channels", "UNet3D", "build_model", "output_channels", "heat_model"]
 
 # The model-config keys that fix the architecture; a checkpoint must agree with the config on these.
-ARCHITECTURE_KEYS = ("filters", "conv3d_from_level", "pool_z_from_level", "norm", "upsample", "target")
+ARCHITECTURE_KEYS = (
+    "filters", "dimensions", "conv3d_from_level", "pool_z_from_level", "norm", "upsample", "target", "head", "embedding_dim"
+)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -78,9 +81,12 @@ class UNet3D(nn.Module):
         norm: str = "group",
         upsample: str = "trilinear",
         deep_supervision: int = 0,
+        slicewise: bool = False,
     ):
         super().__init__()
         self.levels = len(filters)
+        # A 2D U-Net: every slice runs as its own batch item, so normalisation is per slice too.
+        self.slicewise = slicewise
         # Scale between level l and l+1: z halves only from pool_z_from_level on.
         self.scales = [(2 if level >= pool_z_from_level else 1, 2, 2) for level in range(self.levels - 1)]
         self.upsample_mode = upsample
@@ -122,6 +128,17 @@ class UNet3D(nn.Module):
 
     def forward_with_aux(self, x: torch.Tensor, with_aux: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits (batch, channels, z, y, x), auxiliary logits upsampled to the same shape, coarsest first)."""
+        if self.slicewise:
+            batch, _, depth, height, width = x.shape
+            logits, aux = self._forward(x.transpose(1, 2).reshape(batch * depth, -1, 1, height, width), with_aux)
+
+            def unfold(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(batch, depth, -1, height, width).transpose(1, 2)
+
+            return unfold(logits), [unfold(a) for a in aux]
+        return self._forward(x, with_aux)
+
+    def _forward(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         size = x.shape[2:]
         aux: list[torch.Tensor] = []
         x = self.stem(x)
@@ -145,53 +162,43 @@ class UNet3D(nn.Module):
         return self.head(x), aux
 
 
+def level_settings(model_cfg: dict[str, Any]) -> tuple[int, int]:
+    """(conv3d_from_level, pool_z_from_level) in effect: ``dimensions: 2`` makes every level 1x3x3, yx pooling."""
+    if model_cfg.get("dimensions", 3) == 2:
+        levels = len(model_cfg["filters"])
+        return levels, levels
+    return model_cfg.get("conv3d_from_level", 2), model_cfg.get("pool_z_from_level", 2)
+
+
+def embedding_dim(model_cfg: dict[str, Any]) -> int:
+    """Number of embedding channels the model outputs (0 unless ``head: embedding``)."""
+    return int(model_cfg.get("embedding_dim", 8)) if model_cfg.get("head", "target") == "embedding" else 0
+
+
+def output_channels(model_cfg: dict[str, Any]) -> list[str]:
+    """Names of the model's output channels, as heat files list them: the target's, then ``emb0..`` for an embedding head."""
+    return target_channels(model_cfg["target"]) + embedding_channel_names(embedding_dim(model_cfg))
+
+
 def build_model(model_cfg: dict[str, Any]) -> nn.Module:
     """The U-Net described by the ``model`` config section (defaults filled)."""
+    conv3d_from_level, pool_z_from_level = level_settings(model_cfg)
     return UNet3D(
         filters=list(model_cfg["filters"]),
-        out_channels=len(target_channels(model_cfg["target"])),
-        conv3d_from_level=model_cfg["conv3d_from_level"],
-        pool_z_from_level=model_cfg["pool_z_from_level"],
+        out_channels=len(output_channels(model_cfg)),
+        conv3d_from_level=conv3d_from_level,
+        pool_z_from_level=pool_z_from_level,
         norm=model_cfg["norm"],
         upsample=model_cfg.get("upsample", "trilinear"),
         deep_supervision=model_cfg.get("deep_supervision", 0),
+        slicewise=model_cfg.get("dimensions", 3) == 2,
     )
-
-
-class FlipAverage(nn.Module):
-    """Test-time augmentation: averages ``model``'s probabilities over y/x flips and the yx transpose.
-
-    Returns logits again (the inverse sigmoid of the mean probability), so it
-    drops into code that applies a sigmoid, e.g. ``infer.predict_slices``.
-    ``target`` picks the output-to-probability map (``output_to_probability``).
-    """
-
-    def __init__(self, model: nn.Module, target: str = "binary", transforms: int = 8):
-        super().__init__()
-        self.model, self.target, self.transforms = model, target, transforms
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        count = 0
-        for transpose in (False, True):
-            for flip_dims in ((), (3,), (4,), (3, 4)):
-                if count >= self.transforms or (transpose and x.shape[3] != x.shape[4]):
-                    continue
-                view = x.transpose(3, 4) if transpose else x
-                view = view.flip(flip_dims) if flip_dims else view
-                probability = output_to_probability(self.model(view), self.target)
-                probability = probability.flip(flip_dims) if flip_dims else probability
-                probability = probability.transpose(3, 4) if transpose else probability
-                total = probability if total is None else total + probability
-                count += 1
-        mean = (total / count).clamp(1e-6, 1 - 1e-6)
-        return torch.log(mean) - torch.log1p(-mean)
 
 
 def patch_divisors(model_cfg: dict[str, Any]) -> tuple[int, int, int]:
     """What the patch's (z, y, x) must each be divisible by for this architecture."""
     levels = len(model_cfg["filters"])
-    z_poolings = max(0, levels - 1 - model_cfg["pool_z_from_level"])
+    z_poolings = max(0, levels - 1 - level_settings(model_cfg)[1])
     yx = 2 ** (levels - 1)
     return 2**z_poolings, yx, yx
 
@@ -203,7 +210,7 @@ def check_patch(patch: list[int] | tuple[int, ...], model_cfg: dict[str, Any], k
         fixed = [max(divisor, math.ceil(size / divisor) * divisor) for size, divisor in zip(patch, divisors)]
         raise EmmitoError(
             f"{key} is {list(patch)}, but a U-Net with {len(model_cfg['filters'])} levels "
-            f"(pool_z_from_level={model_cfg['pool_z_from_level']}) needs z divisible by {divisors[0]} and y, x by {divisors[1]}: "
+            f"(pool_z_from_level={level_settings(model_cfg)[1]}) needs z divisible by {divisors[0]} and y, x by {divisors[1]}: "
             f"use e.g. {fixed}"
         )
 
@@ -214,16 +221,28 @@ def parameter_count(model: nn.Module) -> int:
 
 
 class ProbabilityLogits(nn.Module):
-    """Wraps a model so that sigmoid(output) = ``output_to_probability(model(x), target)``.
+    """Wraps a model so that sigmoid(output) is each channel's heat value in [0, 1], which ``predict_slices`` expects.
 
-    ``predict_slices`` applies a sigmoid; for ``skeleton_distance`` (tanh output)
-    (tanh(x) + 1) / 2 = sigmoid(2x), so the logits are doubled.
+    Target channels: ``output_to_probability(model(x), target)``; for
+    ``skeleton_distance`` (tanh output) (tanh(x) + 1) / 2 = sigmoid(2x), so the
+    logits are doubled. The last ``embedding_dim`` channels (an embedding head)
+    become ``embedding.embedding_logits``, so that blending and ``to_heat``
+    store exactly ``embedding.embeddings_to_heat(e, embedding_range)``.
     """
 
-    def __init__(self, model: nn.Module, target: str):
+    def __init__(self, model: nn.Module, target: str, embedding_dim: int = 0, embedding_range: float = DEFAULT_EMBEDDING_RANGE):
         super().__init__()
         self.model, self.scale = model, 2.0 if target == "skeleton_distance" else 1.0
+        self.embedding_dim, self.embedding_range = embedding_dim, embedding_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
+        if self.embedding_dim:
+            targets, embeddings = out[:, : -self.embedding_dim], out[:, -self.embedding_dim :]
+            return torch.cat([targets * self.scale, embedding_logits(embeddings, self.embedding_range)], 1)
         return out * self.scale if self.scale != 1.0 else out
+
+
+def heat_model(model: nn.Module, model_cfg: dict[str, Any]) -> ProbabilityLogits:
+    """``model`` wrapped for inference: sigmoid of its output = the heat of every channel in ``output_channels``."""
+    return ProbabilityLogits(model, model_cfg["target"], embedding_dim(model_cfg))

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fastremap
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -44,8 +45,9 @@ from emmito import __version__
 from emmito.augment import augment_patch
 from emmito.infer import DEFAULT_INPUT_NORM, autocast, job_threads, mean_pool_xy, pick_device, predict_slices, to_heat
 from emmito.io import EmmitoError, atomic_path, read_volume
+from emmito.embedding import build_support_set, discriminative_loss, heat_to_embeddings, save_support_set
 from emmito.losses import target_loss, weighted_bce, dice_loss
-from emmito.model import ProbabilityLogits, build_model, check_patch, target_channels
+from emmito.model import build_model, check_patch, embedding_dim, heat_model, output_channels
 from emmito.targets import binary_target, make_target, touching_border  # noqa: F401  (re-exported)
 from emmito.upsample import downsample_mode
 
@@ -71,7 +73,10 @@ class PatchSampler:
     ``volumes``: (image 0-255 uint8 or float32, label uint32) pairs, already at
     the inference scale. Training volumes are proofread crops, small enough to
     hold in memory whole with their targets; a volume smaller than the patch
-    is reflect-padded up to it.
+    is reflect-padded up to it. With ``instances``, the target gains a last
+    channel holding the instance ids (consecutive, as float32: exact below
+    2^24), so that augmentation moves them with the target (nearest
+    interpolation) for the discriminative loss.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class PatchSampler:
         foreground_fraction: float,
         target: str = "binary",
         contour_width: int = 1,
+        instances: bool = False,
     ):
         self.patch = tuple(int(p) for p in patch)
         self.foreground_fraction = foreground_fraction
@@ -90,7 +96,13 @@ class PatchSampler:
             pad = [(0, max(0, p - s)) for p, s in zip(self.patch, image.shape)]
             if any(after for _, after in pad):
                 image, label = np.pad(image, pad, mode="reflect"), np.pad(label, pad, mode="reflect")
-            self.volumes.append((image, make_target(label, target, contour_width)))
+            target_array = make_target(label, target, contour_width)
+            if instances:
+                ids = fastremap.renumber(label, in_place=False)[0]
+                if ids.max() >= 2**24:
+                    raise EmmitoError(f"a training volume has {int(ids.max())} objects; the embedding head takes at most 2^24 - 1")
+                target_array = np.concatenate([target_array, ids[None].astype(np.float32)])
+            self.volumes.append((image, target_array))
             # Flat indices of labelled voxels, for foreground-centred patches (a few bytes per voxel of a small crop).
             self.foreground.append(np.flatnonzero(label))
         sizes = np.array([image.size for image, _ in self.volumes], dtype=np.float64)
@@ -136,11 +148,17 @@ def voxel_iou(probability: np.ndarray, label: np.ndarray, threshold: float = 0.5
 
 
 def predict_volume(
-    model: torch.nn.Module, image: np.ndarray, params: dict[str, Any], device: torch.device | str, input_norm: dict[str, float] | None = None
+    model: torch.nn.Module,
+    image: np.ndarray,
+    params: dict[str, Any],
+    device: torch.device | str,
+    input_norm: dict[str, float] | None = None,
+    tta: int = 1,
 ) -> np.ndarray:
-    """float32 (channel, z, y, x) probabilities of a whole in-memory (z, y, x) volume already at the inference scale."""
+    """float32 (channel, z, y, x) heat in [0, 1] of every output channel (``model.output_channels``) of a whole
+    in-memory (z, y, x) volume already at the inference scale, by ``infer``'s sliding window (``tta`` variants)."""
     return predict_slices(
-        ProbabilityLogits(model, params["model"]["target"]),
+        heat_model(model, params["model"]),
         lambda a, b: image[a:b],
         image.shape[0],
         0,
@@ -152,6 +170,7 @@ def predict_volume(
         input_norm=input_norm,
         blend_sigma=params["infer"]["blend_sigma"],
         progress=False,
+        tta=tta,
     )
 
 
@@ -279,8 +298,15 @@ def train_model(
     digest = config_digest(params)
     try:
         rng = np.random.default_rng(params["seed"])
+        embedding_channels = embedding_dim(model_cfg)
+        discriminative = train_cfg["discriminative"]
         sampler = PatchSampler(
-            train_volumes, model_cfg["patch"], train_cfg["foreground_fraction"], target_kind, model_cfg["contour_width"]
+            train_volumes,
+            model_cfg["patch"],
+            train_cfg["foreground_fraction"],
+            target_kind,
+            model_cfg["contour_width"],
+            instances=embedding_channels > 0,
         )
         model = build_model(model_cfg).to(device)
         model.train()
@@ -350,9 +376,30 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 logits, aux = model.forward_with_aux(inputs)
-            loss = target_loss(logits.float(), target_tensor, target_kind, train_cfg)
+            terms: dict[str, torch.Tensor] = {}
+            if embedding_channels:
+                # The last target channel holds the instance ids, the last output channels the embedding.
+                instance_ids = target_tensor[:, -1].round().long()
+                target_tensor = target_tensor[:, :-1]
+                embedding_loss, terms = discriminative_loss(
+                    logits[:, -embedding_channels:].float(),
+                    instance_ids,
+                    discriminative["delta_var"],
+                    discriminative["delta_dist"],
+                    discriminative["gamma"],
+                    background=discriminative["background_cluster"],
+                )
+                logits, aux = logits[:, :-embedding_channels], [a[:, :-embedding_channels] for a in aux]
+                target_weight = discriminative["target_weight"]
+            else:
+                target_weight = 1.0
+            loss = target_weight * target_loss(logits.float(), target_tensor, target_kind, train_cfg)
             for aux_logits in aux:
-                loss = loss + train_cfg["aux_loss_weight"] * target_loss(aux_logits.float(), target_tensor, target_kind, train_cfg)
+                loss = loss + target_weight * train_cfg["aux_loss_weight"] * target_loss(
+                    aux_logits.float(), target_tensor, target_kind, train_cfg
+                )
+            if embedding_channels:
+                loss = loss + discriminative["weight"] * embedding_loss
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["gradient_clip"])
@@ -366,6 +413,7 @@ def train_model(
 
             out_of_time = budget_seconds > 0 and elapsed >= budget_seconds
             record: dict[str, Any] = {"iteration": iteration, "loss": round(float(loss.detach()), 6), "lr": learning_rate}
+            record.update({name: round(float(value.detach()), 6) for name, value in terms.items()})
             if val_volumes and (iteration % train_cfg["val_every"] == 0 or iteration == total or out_of_time):
                 scores = validate(model, val_volumes, params, device, input_norm)
                 record.update({k: round(v, 6) for k, v in scores.items()})
@@ -378,9 +426,9 @@ def train_model(
             record["seconds"] = round(time.perf_counter() - started, 3)
             metrics.append(record)
             if writer is not None:
-                for key in ("loss", "lr", "val_iou", "val_f1"):
+                for key in ("loss", "lr", "var", "dist", "reg", "val_iou", "val_f1"):
                     if key in record:
-                        writer.add_scalar(f"train/{key}" if key in ("loss", "lr") else f"val/{key[4:]}", record[key], iteration)
+                        writer.add_scalar(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}", record[key], iteration)
             bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val_iou": f"{record['val_iou']:.3f}"} if "val_iou" in record else {}))
             last_iteration = iteration
             if stop_after is not None and iteration >= stop_after:
@@ -399,7 +447,7 @@ def train_model(
     checkpoint: dict[str, Any] = {
         "model_config": copy.deepcopy(model_cfg),
         "target": target_kind,
-        "channels": target_channels(target_kind),
+        "channels": output_channels(model_cfg),
         "downsample_xy": factor,
         "state_dict": best_state if best_state is not None else last_state,
         "iteration": last_iteration,
@@ -413,6 +461,39 @@ def train_model(
     if best_state is not None:
         checkpoint["last_state_dict"] = last_state
     return checkpoint, metrics
+
+
+def support_set(
+    checkpoint: dict[str, Any],
+    volumes: list[tuple[np.ndarray, np.ndarray]],
+    params: dict[str, Any],
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest-neighbour support set of an embedding model: (features float32 (N, E), classes int64 (N,)).
+
+    Each full-resolution (image, label) training volume is pooled and
+    predicted as ``infer`` would, its embeddings quantised as heat files store
+    them (so that they match what ``segment`` reads), and
+    ``train.discriminative.support_voxels`` voxels in all are drawn, half
+    background (class 0) and half mitochondrion (class 1), with ``seed``.
+    """
+    model_cfg = {**params["model"], **checkpoint["model_config"]}
+    dim = embedding_dim(model_cfg)
+    if not dim:
+        raise EmmitoError("a support set needs an embedding model (model.head embedding)")
+    model = build_model(model_cfg)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    factor = checkpoint["downsample_xy"]
+    per_volume = max(2, params["train"]["discriminative"]["support_voxels"] // max(1, len(volumes)))
+    features, classes = [], []
+    for index, (image, label) in enumerate(volumes):
+        image, label = pool_volume(image, label, factor)
+        heat = to_heat(predict_volume(model, image, params, device, checkpoint.get("input_norm"))[-dim:])
+        f, c = build_support_set(heat_to_embeddings(heat), (label > 0).astype(np.int64), per_volume, params["seed"] + index)
+        features.append(f)
+        classes.append(c)
+    return np.concatenate(features), np.concatenate(classes)
 
 
 def save_checkpoint(path: Any, checkpoint: dict[str, Any]) -> None:
@@ -456,7 +537,17 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     # Beside the checkpoint and not a declared output, so a preempted job's rerun finds it.
     resume_path = checkpoint_path.with_name(checkpoint_path.name + ".resume")
     tensorboard_dir = checkpoint_path.parent / "tensorboard" if params["train"]["tensorboard"] else None
+    has_embedding = embedding_dim(params["model"]) > 0
+    support_path = getattr(args, "support", None)
+    if has_embedding != (support_path is not None):
+        raise EmmitoError(
+            "model.head embedding needs --support PATH (the support set to write)" if has_embedding
+            else "--support is only written for model.head embedding: drop it or set model.head embedding"
+        )
     checkpoint, metrics = train_model(train_volumes, val_volumes, params, resume_path=resume_path, tensorboard_dir=tensorboard_dir)
+    if has_embedding:
+        features, classes = support_set(checkpoint, train_volumes, params, pick_device())
+        save_support_set(support_path, features, classes, {"embedding_dim": features.shape[1]})
     save_checkpoint(checkpoint_path, checkpoint)
     write_metrics(args.metrics, metrics)
     resume_path.unlink(missing_ok=True)
