@@ -285,16 +285,15 @@ def seeded_watershed(
     candidates = candidates[candidates > 0]
 
     # The voxels of each candidate, grouped by component and in raster order
-    # within it (a stable sort; of small integers it is a radix sort).
+    # within it: a stable sort by rank (of small integers, a radix sort). The
+    # candidates hold most foreground voxels, so all are sorted, the others last.
     rank = np.full(n_components + 1, len(candidates), dtype=np.uint16 if len(candidates) < 2**16 else np.int64)
     rank[candidates] = np.arange(len(candidates))
     voxel_rank = rank[region]
-    members = np.flatnonzero(voxel_rank < len(candidates))
-    voxel_rank = voxel_rank[members]
-    order = np.argsort(voxel_rank, kind="stable")
-    members = members[order]
-    starts = np.searchsorted(voxel_rank[order], np.arange(len(candidates) + 1))
-    del voxel_rank, order
+    members = np.argsort(voxel_rank, kind="stable")
+    starts = np.zeros(len(candidates) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(voxel_rank, minlength=len(candidates) + 1)[:-1], out=starts[1:])
+    del voxel_rank
 
     def flood(index: int) -> None:
         picked = members[starts[index] : starts[index + 1]]
