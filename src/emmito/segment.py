@@ -168,7 +168,14 @@ def blur_and_threshold(
             found.append((inside + z * plane, smooth.reshape(-1)[inside], heat[z].reshape(-1)[inside] > seed_threshold))
         return found
 
-    found = [part for parts in _run(pool, slab, range(0, depth, SLAB_SLICES)) for part in parts]
+    # Slices are split over the pool's threads; OpenCV's own threads inside
+    # each call would only add overhead (and use cores beyond segment.threads).
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        found = [part for parts in _run(pool, slab, range(0, depth, SLAB_SLICES)) for part in parts]
+    finally:
+        cv2.setNumThreads(opencv_threads)
     if not found:
         return foreground, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
     voxels, blurred, seeds = (np.concatenate(column) for column in zip(*found))
