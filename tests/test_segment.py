@@ -14,7 +14,16 @@ from emmito import cli
 from emmito.config import with_defaults
 from emmito.evaluate import instance_f1
 from emmito.io import read_volume, write_volume
-from emmito.segment import bc_watershed, blur_and_threshold, blur_slice, decode, flood_voxels, segment_block
+from emmito.segment import (
+    SLAB_SLICES,
+    bc_watershed,
+    blur_slice,
+    decode,
+    flood_voxels,
+    heat_foreground,
+    label_foreground,
+    segment_block,
+)
 
 SMALL = {"min_size": 20, "min_seed_size": 4}
 
@@ -156,18 +165,46 @@ def test_blur_is_scipy_gaussian_filter(sigma):
     tiny = heat[3, :3, :5]
     np.testing.assert_allclose(blur_slice(tiny, sigma), ndimage.gaussian_filter(tiny.astype(np.float64), sigma), atol=1e-3)
 
-    foreground, voxels, values, seeds = blur_and_threshold(heat, sigma, 16, seed_threshold=150)
+    # heat_foreground thresholds that blur, unrounded.
+    foreground = np.zeros(heat.shape, bool)
+    for z in range(len(heat)):
+        mask, inside, landscape, seeds = heat_foreground(heat, sigma, 16, 150)(z)
+        assert np.array_equal(inside, np.flatnonzero(mask))
+        assert np.array_equal(landscape, -blurred[z].reshape(-1)[inside])
+        assert np.array_equal(seeds, heat[z].reshape(-1)[inside] > 150)
+        foreground[z] = mask
     clear = np.abs(full - 16) > 1e-3  # the float32 blur may round across the threshold only closer than that
     assert np.array_equal(foreground[clear], (full > 16)[clear])
     assert foreground[0].any() and foreground[1].any() and not foreground[2].any()
-    assert np.array_equal(voxels, np.flatnonzero(foreground))
-    assert np.array_equal(values, blurred.reshape(-1)[voxels])
-    assert np.array_equal(seeds, heat.reshape(-1)[voxels] > 150)
-    # Threads split the slices between them; the result is the same.
-    with ThreadPoolExecutor(2) as pool:
-        threaded = blur_and_threshold(heat, sigma, 16, pool, seed_threshold=150)
-    for one, other in zip(threaded, (foreground, voxels, values, seeds)):
+
+
+@pytest.mark.parametrize("depth", [1, SLAB_SLICES, 3 * SLAB_SLICES + 5])
+def test_label_foreground_equals_cc3d_face_connectivity(depth):
+    rng = np.random.default_rng(depth)
+    # Random voxels above the percolation threshold: components that wind through slices and cross slab boundaries.
+    mask = rng.random((depth, 40, 50)) < 0.45
+    heat = np.where(mask, 200, 0).astype(np.uint8)
+    reference, n_reference = cc3d.connected_components(mask, connectivity=6, return_N=True)
+
+    def foreground_of(z):
+        inside = np.flatnonzero(mask[z])
+        return mask[z], inside, heat[z].reshape(-1)[inside].astype(np.float32), heat[z].reshape(-1)[inside] > 100
+
+    results = []
+    for threads in (None, 3):
+        pool = ThreadPoolExecutor(threads) if threads else None
+        results.append(label_foreground(mask.shape, foreground_of, pool))
+        if pool:
+            pool.shutdown()
+    voxels, region, n_components, landscape, seeds = results[0]
+    assert np.array_equal(voxels, np.flatnonzero(mask))
+    assert region.dtype == np.uint32 and n_components == n_reference > 1
+    assert same_partition(region, reference.reshape(-1)[voxels])
+    assert np.array_equal(landscape, np.full(len(voxels), 200, np.float32)) and seeds.all()
+    for one, other in zip(results[0], results[1]):
         assert np.array_equal(one, other)
+    empty = label_foreground((3, 4, 5), lambda z: (np.zeros((4, 5), bool), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)))
+    assert empty[2] == 0 and len(empty[0]) == len(empty[1]) == 0
 
 
 def test_cli_writes_block_with_heat_attrs(tmp_path):

@@ -40,6 +40,8 @@ import cc3d
 import cv2
 import fastremap
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import watershed
 from tqdm import tqdm
 
@@ -137,49 +139,132 @@ def blur_slice(heat_slice: np.ndarray, blur_sigma: float) -> np.ndarray:
     )
 
 
-def blur_and_threshold(
-    heat: np.ndarray,
-    blur_sigma: float,
-    foreground_threshold: float,
-    pool: ThreadPoolExecutor | None = None,
-    seed_threshold: float = 255,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Foreground of ``heat`` (uint8 (z, y, x), 0-255): each slice blurred in y and x, above the threshold.
+# One slice's foreground, from ``foreground_of(z)``: its mask (bool (y, x)),
+# the flat indices of the mask's voxels in the slice (np.flatnonzero(mask)),
+# and at those voxels the landscape to flood and whether each is a seed voxel.
+SliceForeground = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-    Returns ``(foreground, voxels, blurred, seeds)``: ``foreground`` bool
-    (z, y, x); ``voxels`` the flat indices (int64) of its voxels in raster
-    order; ``blurred`` the float32 blur at those voxels (the threshold applies
-    to it unrounded, so it means what the config says); ``seeds`` bool, which
-    of those voxels have ``heat > seed_threshold``. Only the foreground is
-    block-sized. Slices are spread over ``pool``'s threads.
+
+def heat_foreground(
+    heat: np.ndarray, blur_sigma: float, foreground_threshold: float, seed_threshold: float
+) -> Callable[[int], SliceForeground]:
+    """``foreground_of(z)`` for ``heat_watershed`` on ``heat`` (uint8 (z, y, x), 0-255).
+
+    Slice z is blurred (``blur_slice``); its foreground is the float32 blur
+    above ``foreground_threshold`` (unrounded, so the threshold means what the
+    config says); the landscape is the inverted blur; seed voxels have heat
+    above ``seed_threshold``.
     """
-    depth, plane = heat.shape[0], heat.shape[1] * heat.shape[2]
-    foreground = np.empty(heat.shape, dtype=bool)
 
-    def slab(z_start: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        found = []
+    def foreground_of(z: int) -> SliceForeground:
+        smooth = blur_slice(heat[z], blur_sigma) if blur_sigma > 0 else heat[z].astype(np.float32)
+        mask = smooth > foreground_threshold
+        inside = np.flatnonzero(mask)
+        return mask, inside, np.negative(smooth.reshape(-1)[inside]), heat[z].reshape(-1)[inside] > seed_threshold
+
+    return foreground_of
+
+
+def _touching(previous: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Distinct (previous, label) pairs, packed as previous << 32 | label, where ``previous`` > 0.
+
+    ``previous``, ``labels``: the labels of the slice before and of this slice
+    at this slice's foreground voxels; a pair is two 2-D components that touch
+    face to face across the two slices.
+    """
+    touching = previous > 0
+    keys = (previous[touching].astype(np.int64) << 32) | labels[touching]
+    if len(keys) > 1:  # raster order makes long runs of one pair: drop repeats before sorting
+        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    return np.unique(keys)
+
+
+def label_foreground(
+    shape: tuple[int, int, int], foreground_of: Callable[[int], SliceForeground], pool: ThreadPoolExecutor | None = None
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """The 6-connected components of a foreground given slice by slice by ``foreground_of``.
+
+    Returns ``(voxels, region, n_components, landscape, seeds)`` over the
+    foreground voxels in raster order: their flat indices in ``shape``
+    (int64), their component ids (uint32, 1..n_components, in the order of
+    each component's first slice and there of OpenCV's 2-D labels), and the
+    landscape and seed flags ``foreground_of`` gave.
+
+    Each slice is labelled in 2-D (OpenCV, face connectivity), and components
+    that touch across consecutive slices are joined by a graph's connected
+    components: the same partition as cc3d's 6-connected labelling of the
+    whole block, but slices spread over ``pool``'s threads (OpenCV and numpy
+    release the GIL; cc3d does not) and nothing block-sized is allocated.
+    """
+    depth, plane = shape[0], shape[1] * shape[2]
+    slices: list[Any] = [None] * depth
+    pairs: list[np.ndarray | None] = [None] * depth
+
+    def label_slab(z_start: int) -> None:
+        previous = None
         for z in range(z_start, min(z_start + SLAB_SLICES, depth)):
-            if blur_sigma > 0:
-                smooth = blur_slice(heat[z], blur_sigma)
-            else:
-                smooth = heat[z].astype(np.float32)
-            np.greater(smooth, foreground_threshold, out=foreground[z])
-            inside = np.flatnonzero(foreground[z])
-            found.append((inside + z * plane, smooth.reshape(-1)[inside], heat[z].reshape(-1)[inside] > seed_threshold))
-        return found
+            mask, inside, landscape, seeds = foreground_of(z)
+            count, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+            local = labels.reshape(-1)[inside]
+            slices[z] = (inside, local, count - 1, landscape, seeds)
+            if previous is not None:
+                pairs[z] = _touching(previous.reshape(-1)[inside], local)
+            previous = labels
 
     # Slices are split over the pool's threads; OpenCV's own threads inside
     # each call would only add overhead (and use cores beyond segment.threads).
     opencv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        found = [part for parts in _run(pool, slab, range(0, depth, SLAB_SLICES)) for part in parts]
+        for _ in _run(pool, label_slab, range(0, depth, SLAB_SLICES)):
+            pass
     finally:
         cv2.setNumThreads(opencv_threads)
-    if not found:
-        return foreground, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
-    voxels, blurred, seeds = (np.concatenate(column) for column in zip(*found))
-    return foreground, voxels, blurred, seeds
+    # Across slab boundaries, from the stored labels of the slice before.
+    before = np.zeros(plane, dtype=np.int32)
+    for z in range(SLAB_SLICES, depth, SLAB_SLICES):
+        inside, local = slices[z - 1][:2]
+        before[inside] = local
+        pairs[z] = _touching(before[slices[z][0]], slices[z][1])
+        before[inside] = 0
+
+    # Graph nodes: the 2-D components, slice after slice (node of label l of slice z: offsets[z] + l - 1).
+    offsets = np.zeros(depth + 1, dtype=np.int64)
+    np.cumsum([entry[2] for entry in slices], out=offsets[1:])
+    n_nodes = int(offsets[-1])
+    edges = [
+        (offsets[z - 1] - 1 + (keys >> 32), offsets[z] - 1 + (keys & 0xFFFFFFFF))
+        for z, keys in enumerate(pairs)
+        if keys is not None and len(keys)
+    ]
+    tails = np.concatenate([t for t, _ in edges]) if edges else np.zeros(0, np.int64)
+    heads = np.concatenate([h for _, h in edges]) if edges else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(tails), dtype=np.int8), (tails, heads)), shape=(n_nodes, n_nodes))
+    n_components, node_component = connected_components(graph, directed=False) if n_nodes else (0, np.zeros(0))
+    # Components are numbered in the order of their first node.
+    component_of_node = node_component.astype(np.uint32) + np.uint32(1)
+
+    ends = np.zeros(depth + 1, dtype=np.int64)
+    np.cumsum([len(entry[0]) for entry in slices], out=ends[1:])
+    total = int(ends[-1])
+    voxels = np.empty(total, dtype=np.int64)
+    region = np.empty(total, dtype=np.uint32)
+    landscape = np.empty(total, dtype=slices[0][3].dtype if depth else np.float32)
+    seeds = np.empty(total, dtype=bool)
+
+    def assemble_slab(z_start: int) -> None:
+        for z in range(z_start, min(z_start + SLAB_SLICES, depth)):
+            span = slice(ends[z], ends[z + 1])
+            inside, local, _, slice_landscape, slice_seeds = slices[z]
+            landscape[span] = slice_landscape
+            seeds[span] = slice_seeds
+            np.add(inside, z * plane, out=voxels[span])
+            region[span] = component_of_node[local + (offsets[z] - 1)]
+            slices[z] = None
+
+    for _ in _run(pool, assemble_slab, range(0, depth, SLAB_SLICES)):
+        pass
+    return voxels, region, int(n_components), landscape, seeds
 
 
 try:
@@ -250,8 +335,10 @@ def flood_voxels(coordinates: tuple[np.ndarray, ...], landscape: np.ndarray, mar
 
 
 def seeded_watershed(
-    foreground: np.ndarray,
+    shape: tuple[int, int, int],
     voxels: np.ndarray,
+    region: np.ndarray,
+    n_components: int,
     landscape: np.ndarray,
     seeds: np.ndarray,
     min_seed_size: int,
@@ -261,31 +348,26 @@ def seeded_watershed(
 ) -> np.ndarray:
     """Objects of a block: seeded watershed inside each foreground component, small ones removed.
 
-    ``foreground``: bool (z, y, x). ``voxels``: the flat indices of its voxels
-    in raster order (``np.flatnonzero(foreground)``); ``landscape``: the image
-    to flood at those voxels (low = basin core); ``seeds``: bool, which of them
-    are seed voxels. Seeds are the 6-connected components of the seed voxels
-    with at least ``min_seed_size`` voxels. A component with two or more seeds
-    is split by a watershed from them; one with fewer stays one object (a
-    faint mitochondrion without a confident core is still one). Objects below
-    ``min_size`` voxels are removed. Returns uint32 (z, y, x) ids consecutive
+    The foreground comes from ``label_foreground``: ``voxels`` the flat
+    indices of its voxels in ``shape`` in raster order, ``region`` the
+    6-connected component (1..``n_components``) of each, ``landscape`` the
+    image to flood at each (low = basin core), ``seeds`` which are seed voxels.
+    Seeds are the 6-connected components of the seed voxels with at least
+    ``min_seed_size`` voxels. A component with two or more seeds is split by a
+    watershed from them; one with fewer stays one object (a faint
+    mitochondrion without a confident core is still one). Objects below
+    ``min_size`` voxels are removed. Returns uint32 ``shape`` ids consecutive
     from 1, 0 = background; equal to one skimage watershed over the whole
     block (connectivity 1, mask = foreground) whose unseeded components are
     added as objects, up to how ties on flat plateaus of the landscape are
     broken (that depends on the order a watershed visits voxels in).
 
-    Only the foreground's labelling is block-sized (and becomes the result);
-    the rest works on the foreground voxels (a few per cent of the block).
-    A seed lies inside one component, so seeds are labelled per component,
-    in its bounding box, and only in components with enough seed voxels for
-    two seeds. Components go to ``pool``'s threads.
+    Everything works on the foreground voxels (a few per cent of the block);
+    only the result is block-sized. A seed lies inside one component, so
+    seeds are labelled per component, in its bounding box, and only in
+    components with enough seed voxels for two seeds. Components go to
+    ``pool``'s threads. ``region`` is overwritten.
     """
-    labels, n_components = cc3d.connected_components(
-        foreground, connectivity=CONNECTIVITY, return_N=True, out_dtype=np.uint32
-    )
-    flat = labels.reshape(-1)
-    # The component of each foreground voxel, then its object id.
-    region = flat[voxels]
     min_seed_size = max(1, min_seed_size)
     seed_voxels = np.bincount(region[seeds], minlength=n_components + 1)
     candidates = np.flatnonzero(seed_voxels >= 2 * min_seed_size)
@@ -304,7 +386,7 @@ def seeded_watershed(
 
     def flood(index: int) -> None:
         picked = members[starts[index] : starts[index + 1]]
-        coordinates = np.unravel_index(voxels[picked], labels.shape)
+        coordinates = np.unravel_index(voxels[picked], shape)
         padded, local = _box(coordinates)
         is_seed = seeds[picked]
         seed_box = np.zeros(padded, dtype=bool)
@@ -339,7 +421,8 @@ def seeded_watershed(
     keep[0] = False
     lut = np.zeros(len(sizes), dtype=np.uint32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    flat[voxels] = lut[region]
+    labels = np.zeros(shape, dtype=np.uint32)
+    labels.reshape(-1)[voxels] = lut[region]
     return labels
 
 
@@ -366,13 +449,11 @@ def segment_block(heat: np.ndarray, params: dict[str, Any] | None = None, progre
     params = with_defaults("segment", params)
     pool = _thread_pool(params["threads"])
     try:
-        foreground, voxels, blurred, seeds = blur_and_threshold(
-            heat, params["blur_sigma"], params["foreground_threshold"], pool, params["seed_threshold"]
+        foreground_of = heat_foreground(
+            heat, params["blur_sigma"], params["foreground_threshold"], params["seed_threshold"]
         )
-        landscape = np.negative(blurred, out=blurred)
-        return seeded_watershed(
-            foreground, voxels, landscape, seeds, params["min_seed_size"], params["min_size"], pool, progress
-        )
+        foreground = label_foreground(heat.shape, foreground_of, pool)
+        return seeded_watershed(heat.shape, *foreground, params["min_seed_size"], params["min_size"], pool, progress)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -397,14 +478,18 @@ def bc_watershed(
     params = with_defaults("segment", params)
     pool = _thread_pool(params["threads"])
     try:
-        foreground = binary > params["bc_foreground"]
-        voxels = np.flatnonzero(foreground)
-        binary_at = binary.reshape(-1)[voxels]
-        seeds = binary_at > params["bc_seed_foreground"]
-        seeds &= contour.reshape(-1)[voxels] < params["bc_seed_contour"]
-        landscape = 255 - binary_at
+        def foreground_of(z: int) -> SliceForeground:
+            binary_slice = binary[z]
+            mask = binary_slice > params["bc_foreground"]
+            inside = np.flatnonzero(mask)
+            at = binary_slice.reshape(-1)[inside]
+            seeds = at > params["bc_seed_foreground"]
+            seeds &= contour[z].reshape(-1)[inside] < params["bc_seed_contour"]
+            return mask, inside, 255 - at, seeds
+
+        foreground = label_foreground(binary.shape, foreground_of, pool)
         return seeded_watershed(
-            foreground, voxels, landscape, seeds, params["bc_min_seed_size"], params["bc_min_size"], pool, progress
+            binary.shape, *foreground, params["bc_min_seed_size"], params["bc_min_size"], pool, progress
         )
     finally:
         if pool is not None:
