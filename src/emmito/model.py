@@ -5,8 +5,12 @@ levels convolve in-plane only (1x3x3) and pool y and x only; deeper levels, wher
 the voxels have become roughly isotropic, use 3x3x3 and also pool z. Decoder
 levels upsample, project with a 1x1x1 convolution and add the encoder's skip
 (as PyTC's residual U-Nets do), which costs less than concatenation on CPU.
+``dimensions: 2`` makes it a 2D U-Net: every level 1x3x3 with yx pooling, and
+each slice run as its own batch item (normalisation per slice), so a slice's
+output does not depend on its neighbours.
 The network returns logits, one channel per target channel (the 1x1x1 head is
-one independent linear head per channel). Optional auxiliary heads on the
+one independent linear head per channel), then, with ``head: embedding``,
+``embedding_dim`` channels of a per-voxel embedding (``emmito.embedding``). Optional auxiliary heads on the
 coarser decoder levels (deep supervision, as unetv3) are trained through
 ``forward_with_aux`` and ignored by ``forward``, which inference calls.
 """
