@@ -48,7 +48,7 @@ from emmito.infer import TTA_COUNTS, job_threads, load_checkpoint, mean_pool_xy,
 from emmito.io import list_slices, read_png_slice, write_json  # noqa: E402
 from emmito.model import embedding_dim, parameter_count  # noqa: E402
 from emmito.segment import decode, resolve_decoder  # noqa: E402
-from emmito.train import pool_volume, predict_volume, save_checkpoint, support_set, train_model  # noqa: E402
+from emmito.train import pool_volume, predict_volume, save_checkpoint, support_set, train_model, training_embeddings  # noqa: E402
 from emmito.upsample import upsample_labels  # noqa: E402
 
 DECODERS = ("auto", "heat_watershed", "bc_watershed", "embedding_cluster", "nearest_neighbour")
@@ -105,11 +105,12 @@ def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image:
     heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
     embeddings = heat_to_embeddings(heat[-dim:])
     truth = pool_volume(image, gt, params["infer"]["downsample_xy"])[1] > 0
+    embedded = training_embeddings(checkpoint, [train], params)  # once: the sets below are draws from it
     print("| support voxels | k | NNC foreground IoU (v2018 validation) | seconds |")
     print("| ---: | ---: | ---: | ---: |")
     for size in sizes:
         support_params = {**params, "train": {**params["train"], "discriminative": {**params["train"]["discriminative"], "support_voxels": size}}}
-        features, classes = support_set(checkpoint, [train], support_params)
+        features, classes = support_set(checkpoint, [train], support_params, embedded=embedded)
         k = min(params["segment"]["nnc_k"], max(1, size // 8))  # at most a quarter of a class, or votes tie whole classes
         tic = time.perf_counter()
         _, class_map = nearest_neighbour_classify(embeddings, features, classes, k)

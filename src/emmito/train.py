@@ -463,19 +463,17 @@ def train_model(
     return checkpoint, metrics
 
 
-def support_set(
+def training_embeddings(
     checkpoint: dict[str, Any],
     volumes: list[tuple[np.ndarray, np.ndarray]],
     params: dict[str, Any],
     device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """The nearest-neighbour support set of an embedding model: (features float32 (N, E), classes int64 (N,)).
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(embeddings float32 (E, z, y, x), classes int64 (z, y, x): 1 mitochondrion, 0 background) per training volume.
 
-    Each full-resolution (image, label) training volume is pooled and
-    predicted as ``infer`` would, its embeddings quantised as heat files store
-    them (so that they match what ``segment`` reads), and
-    ``train.discriminative.support_voxels`` voxels in all are drawn, half
-    background (class 0) and half mitochondrion (class 1), with ``seed``.
+    Each full-resolution (image, label) volume is pooled and predicted as
+    ``infer`` would (``infer.tta`` included), its embeddings quantised as heat
+    files store them, so that they match what ``segment`` reads.
     """
     model_cfg = {**params["model"], **checkpoint["model_config"]}
     dim = embedding_dim(model_cfg)
@@ -484,13 +482,33 @@ def support_set(
     model = build_model(model_cfg)
     model.load_state_dict(checkpoint["state_dict"])
     model.to(device).eval()
-    factor = checkpoint["downsample_xy"]
-    per_volume = max(2, params["train"]["discriminative"]["support_voxels"] // max(1, len(volumes)))
+    embedded = []
+    for image, label in volumes:
+        image, label = pool_volume(image, label, checkpoint["downsample_xy"])
+        probability = predict_volume(model, image, params, device, checkpoint.get("input_norm"), tta=params["infer"]["tta"])
+        embedded.append((heat_to_embeddings(to_heat(probability[-dim:])), (label > 0).astype(np.int64)))
+    return embedded
+
+
+def support_set(
+    checkpoint: dict[str, Any],
+    volumes: list[tuple[np.ndarray, np.ndarray]],
+    params: dict[str, Any],
+    device: torch.device | str = "cpu",
+    embedded: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest-neighbour support set of an embedding model: (features float32 (N, E), classes int64 (N,)).
+
+    ``train.discriminative.support_voxels`` voxels of the training volumes'
+    embeddings (``training_embeddings``, or ``embedded`` where already
+    computed) in all, half background (class 0) and half mitochondrion
+    (class 1), drawn with ``seed``.
+    """
+    embedded = training_embeddings(checkpoint, volumes, params, device) if embedded is None else embedded
+    per_volume = max(2, params["train"]["discriminative"]["support_voxels"] // max(1, len(embedded)))
     features, classes = [], []
-    for index, (image, label) in enumerate(volumes):
-        image, label = pool_volume(image, label, factor)
-        heat = to_heat(predict_volume(model, image, params, device, checkpoint.get("input_norm"))[-dim:])
-        f, c = build_support_set(heat_to_embeddings(heat), (label > 0).astype(np.int64), per_volume, params["seed"] + index)
+    for index, (embeddings, voxel_classes) in enumerate(embedded):
+        f, c = build_support_set(embeddings, voxel_classes, per_volume, params["seed"] + index)
         features.append(f)
         classes.append(c)
     return np.concatenate(features), np.concatenate(classes)
