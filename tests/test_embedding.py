@@ -194,8 +194,8 @@ def test_heat_quantisation_round_trip_within_one_step():
 
 
 def test_heat_logits_wrapper_stores_embeddings_as_their_heat():
-    from emmito.embedding import EmbeddingHeatLogits
     from emmito.infer import to_heat
+    from emmito.model import ProbabilityLogits
 
     class Fixed(torch.nn.Module):
         def forward(self, x):
@@ -203,7 +203,7 @@ def test_heat_logits_wrapper_stores_embeddings_as_their_heat():
 
     values = torch.linspace(-5, 5, 41).reshape(1, 1, 1, 1, 41)
     out = torch.cat([values, values, -values], 1)  # 1 target logit, 2 embeddings
-    wrapped = EmbeddingHeatLogits(Fixed(), target_channels=1, embedding_range=4.0)(out)
+    wrapped = ProbabilityLogits(Fixed(), "binary", embedding_dim=2, embedding_range=4.0)(out)
     assert torch.equal(wrapped[:, 0], values[:, 0])  # the target logit passes unchanged
     heat = to_heat(torch.sigmoid(wrapped[:, 1:]).numpy())
     assert np.array_equal(heat[0, 0], embeddings_to_heat(values[0, 0].numpy(), 4.0))

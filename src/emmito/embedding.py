@@ -78,25 +78,6 @@ def heat_to_embeddings(heat: np.ndarray, embedding_range: float = DEFAULT_EMBEDD
     return (heat.astype(np.float32) / np.float32(127.5) - np.float32(1.0)) * np.float32(embedding_range)
 
 
-class EmbeddingHeatLogits(torch.nn.Module):
-    """Wraps a model whose output is (batch, T + E, z, y, x), T target logits then E embeddings, for ``infer``.
-
-    The target channels pass unchanged; each embedding e becomes the logit of
-    ``clip(e / (2R) + 0.5, eps, 1 - eps)`` (R = ``embedding_range``), so that
-    the sigmoid that inference applies, its blending (linear in probability,
-    hence in e) and ``to_heat`` store exactly ``embeddings_to_heat(e, R)``.
-    """
-
-    def __init__(self, model: torch.nn.Module, target_channels: int, embedding_range: float = DEFAULT_EMBEDDING_RANGE):
-        super().__init__()
-        self.model, self.target_channels, self.embedding_range = model, target_channels, embedding_range
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        targets, embeddings = out[:, : self.target_channels], out[:, self.target_channels :]
-        return torch.cat([targets, embedding_logits(embeddings, self.embedding_range)], 1)
-
-
 def embedding_logits(embeddings: torch.Tensor, embedding_range: float = DEFAULT_EMBEDDING_RANGE) -> torch.Tensor:
     """The logit of ``clip(e / (2R) + 0.5, eps, 1 - eps)``: its sigmoid, times 255, is the heat of ``e``."""
     share = (embeddings / (2.0 * embedding_range) + 0.5).clamp(1e-6, 1.0 - 1e-6)
