@@ -19,6 +19,7 @@ from emmito.embedding import (
     load_support_set,
     mean_shift_modes,
     nearest_neighbour_classify,
+    nearest_neighbour_features,
     save_support_set,
 )
 from emmito.io import read_volume, write_volume
@@ -247,6 +248,20 @@ def test_nearest_neighbour_classifies_toy_embeddings():
     # Chunking does not change the answer.
     whole, _ = nearest_neighbour_classify(emb, features, classes, k=5, chunk_voxels=10**6)
     assert np.array_equal(whole, probabilities)
+
+
+def test_nearest_neighbour_votes_equal_brute_force_on_quantised_embeddings():
+    """Quantised (heat-file) embeddings repeat; each distinct vector is classified once, exactly as brute force."""
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(50, 3)).astype(np.float32)
+    classes = rng.integers(0, 3, size=50)
+    query = heat_to_embeddings(embeddings_to_heat(rng.normal(size=(3, 500)).astype(np.float32))).T
+    assert len(np.unique(query, axis=0)) < len(query)
+    votes = nearest_neighbour_features(query, features, classes, k=4, chunk_voxels=7)
+    distances = ((query[:, None, :].astype(np.float64) - features[None]) ** 2).sum(2)
+    nearest = np.argsort(distances, axis=1, kind="stable")[:, :4]
+    expected = np.stack([(classes[nearest] == c).sum(1) / 4 for c in range(3)], axis=1)
+    np.testing.assert_array_equal(votes, expected.astype(np.float32))
 
 
 def test_support_set_file_round_trip_and_missing_file(tmp_path):

@@ -32,6 +32,7 @@ import cc3d
 import fastremap
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from emmito.config import with_defaults
@@ -363,19 +364,33 @@ def nearest_neighbour_features(
 ) -> np.ndarray:
     """Class probabilities float32 (N, C) of ``query`` (N, E): the share of each class among its ``k`` nearest ``features``.
 
-    ``features`` (M, E) with ``classes`` int (M,) in 0..C-1. Distances are
-    computed for ``chunk_voxels`` queries at a time (bounded memory).
+    ``features`` (M, E) with ``classes`` int (M,) in 0..C-1. The neighbours
+    are found exactly with a k-d tree over the support set, once per
+    distinct query vector, ``chunk_voxels`` vectors at a time. Memory: a few
+    arrays of N entries (the query's size), none of N x M.
     """
     n_classes = int(classes.max()) + 1 if len(classes) else 1
     k = max(1, min(k, len(features)))
-    support = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    support_classes = torch.from_numpy(np.asarray(classes, dtype=np.int64))
     probabilities = np.zeros((len(query), n_classes), dtype=np.float32)
-    for start in range(0, len(query), chunk_voxels):
-        chunk = torch.from_numpy(np.ascontiguousarray(query[start : start + chunk_voxels], dtype=np.float32))
-        nearest = torch.cdist(chunk, support).topk(k, dim=1, largest=False).indices
-        votes = torch.nn.functional.one_hot(support_classes[nearest], n_classes).sum(1)
-        probabilities[start : start + len(chunk)] = (votes.to(torch.float32) / k).numpy()
+    if len(features) == 0:
+        return probabilities
+    # Embeddings read from a heat file are quantised to 8 bits: a block holds
+    # far fewer distinct vectors than voxels, and each is classified once.
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    rows = query.view(np.dtype((np.void, query.dtype.itemsize * query.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    distinct = query[first]
+    tree = cKDTree(np.ascontiguousarray(features, dtype=np.float64))
+    support_classes = np.asarray(classes, dtype=np.int64)
+    distinct_probabilities = np.zeros((len(distinct), n_classes), dtype=np.float32)
+    for start in range(0, len(distinct), chunk_voxels):
+        chunk = distinct[start : start + chunk_voxels].astype(np.float64)
+        nearest = tree.query(chunk, k=k)[1].reshape(len(chunk), k)
+        votes = np.zeros((len(chunk), n_classes), dtype=np.float32)
+        for column in range(k):  # k small adds: no (chunk, k, C) one-hot array
+            votes[np.arange(len(chunk)), support_classes[nearest[:, column]]] += 1.0
+        distinct_probabilities[start : start + len(chunk)] = votes / k
+    probabilities[:] = distinct_probabilities[inverse.reshape(-1)]
     return probabilities
 
 
