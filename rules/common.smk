@@ -3,12 +3,14 @@
 # listing and one PNG header per volume, no image decoding.
 
 import json
+import os
 import re
 import shlex
 from functools import cache
 
 import emmito
 from emmito import blocks
+from emmito.config import model_dir, support_set_path
 from emmito.config import validate as validate_config
 from emmito.io import EmmitoError, list_slices, png_header
 from snakemake.exceptions import WorkflowError
@@ -25,7 +27,7 @@ wildcard_constraints:
     block=r"\d+",
 
 
-MODEL_DIR = f"results/model/{config['model']['name']}"
+MODEL_DIR = model_dir(config)
 CHUNK_SLICES = config["infer"]["chunk_slices"]
 BLOCK_SLICES = config["merge"]["block_slices"]
 BLOCK_OVERLAP = config["merge"]["block_overlap"]
@@ -33,7 +35,7 @@ CONDA_ENV = "../envs/emmito.yaml"
 EMBEDDING_HEAD = config["model"]["head"] == "embedding"
 EMBEDDING_DECODERS = ("embedding_cluster", "nearest_neighbour")
 # The support set the nearest_neighbour decoder reads: written beside the checkpoint by train.
-SUPPORT_SET = config["segment"]["support_set"] or f"{MODEL_DIR}/support.npz"
+SUPPORT_SET = support_set_path(config)
 NEEDS_SUPPORT = config["segment"]["decoder"] == "nearest_neighbour"
 if config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDING_HEAD:
     raise WorkflowError(
@@ -45,9 +47,15 @@ if config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDING_HEAD:
 @cache
 def slice_files(vol, kind="images"):
     """The PNG slices of a volume, ordered by the number in their names."""
+    where = str(config["volumes"][vol][kind])
     try:
-        return [str(p) for p in list_slices(config["volumes"][vol][kind])]
+        return [str(p) for p in list_slices(where)]
     except EmmitoError as exc:
+        if where.startswith("data/demo/") and not os.path.exists("data/demo/.done"):
+            raise WorkflowError(
+                f"volumes.{vol}.{kind}: {where} does not exist yet: make the demo data with `make data`, "
+                "or point volumes at your own slices (--configfile)"
+            ) from None
         raise WorkflowError(f"volumes.{vol}.{kind}: {exc}") from None
 
 

@@ -132,3 +132,13 @@ def with_defaults(section: str, params: dict[str, Any] | None) -> dict[str, Any]
     config: dict[str, Any] = {"volumes": {"x": {"images": "x"}}, section: dict(params or {})}
     _check_schema(config, source=f"--params for {section}")
     return config[section]
+
+
+def model_dir(config: dict[str, Any]) -> str:
+    """Where train writes model.name's checkpoint (and support set): results/model/<model.name>."""
+    return f"results/model/{config.get('model', {}).get('name', 'model')}"
+
+
+def support_set_path(config: dict[str, Any]) -> str:
+    """The support set the nearest_neighbour decoder reads: segment.support_set, else the one beside the checkpoint."""
+    return config.get("segment", {}).get("support_set", "") or f"{model_dir(config)}/support.npz"

@@ -46,7 +46,7 @@ from skimage.segmentation import watershed
 from tqdm import tqdm
 
 from emmito import embedding
-from emmito.config import with_defaults
+from emmito.config import support_set_path, with_defaults
 from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
 
 # Foreground components, seeds and the watershed all use face (6-) connectivity.
@@ -585,15 +585,6 @@ def decode(
         )
         return decode_embedding_features(mask, features, params, support, progress)
     return segment_block(channels[HEAT_CHANNEL], params, progress)
-
-
-def support_set_path(params: dict[str, Any]) -> str:
-    """The support set the nearest_neighbour decoder reads: segment.support_set, else beside model.name's checkpoint."""
-    chosen = params["segment"].get("support_set", "")
-    if chosen:
-        return chosen
-    name = params.get("model", {}).get("name", "model")
-    return f"results/model/{name}/support.npz"
 
 
 def heat_channel(path: Any, attrs: dict[str, Any], shape: tuple[int, ...], name: str = HEAT_CHANNEL, decoder: str = "heat_watershed") -> int:

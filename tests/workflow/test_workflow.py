@@ -98,3 +98,12 @@ def test_snakefmt_is_clean():
         [str(BIN / "snakefmt"), "--check", "Snakefile", "rules/"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_missing_demo_data_says_make_data(tmp_path, project):
+    """A fresh clone dry-run before `make data`: the error says how to make the demo data."""
+    demo = {"images": "data/demo/train/images", "labels": "data/demo/train/labels", "label_format": "vast"}
+    fresh = make_project(tmp_path / "fresh", overrides={"volumes": {"train": demo, "deploy": demo}}, data_from=project)
+    result = snakemake(fresh, "-n", check=False)
+    assert result.returncode != 0
+    assert "data/demo/train/images does not exist yet: make the demo data with `make data`" in result.stdout + result.stderr
