@@ -21,7 +21,10 @@ segmented as one block with ``segment.decode``, upsampled to full resolution
 with ``upsample_labels`` and scored with ``evaluate_arrays`` against the 3D
 connected components of the mask (as ``convert`` makes them). Validation is
 never used for training or for choosing anything (``--tune`` picks segment
-thresholds on the training volume). The last line is ``cdeep3m_val_iou: X``.
+thresholds on the training volume, and segment.max_area_2d is
+``--max-area-factor`` times the widest cross-section of a training
+mitochondrion; the figures without that filter are printed too). The last
+line is ``cdeep3m_val_iou: X``.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def tune_segment(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[
     return best
 
 
+def widest_cross_section(labels: np.ndarray) -> int:
+    """The largest area (pixels) any object of ``labels`` (uint (z, y, x)) has in one slice."""
+    return max((int(np.bincount(plane.reshape(-1))[1:].max(initial=0)) for plane in labels), default=0)
+
+
 def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image: np.ndarray, gt: np.ndarray, params: dict, sizes: list[int]) -> None:
     """Print NNC foreground IoU (every voxel classified, at the inference scale) against the support-set size."""
     dim = embedding_dim(params["model"])
@@ -134,6 +142,8 @@ def main() -> None:
                         help="override segment.decoder (with --head embedding the default is embedding_cluster)")
     parser.add_argument("--support-sizes", default="", help="comma-separated support-set sizes for an NNC IoU table")
     parser.add_argument("--tune", action="store_true", help="choose segment thresholds on the training volume (never on validation)")
+    parser.add_argument("--max-area-factor", type=float, default=2.0,
+                        help="segment.max_area_2d = this x the widest cross-section of a training mitochondrion (0: off)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--keep", type=Path, default=None, help="folder (outside the repo) to keep checkpoint and metrics in")
     args = parser.parse_args()
@@ -176,6 +186,11 @@ def main() -> None:
     model = model.model  # the bare network: predict_volume wraps it for the heat of every channel
     channels = list(checkpoint["channels"])
     support = support_set(checkpoint, [train], params) if params["segment"]["decoder"] == "nearest_neighbour" else None
+    if args.max_area_factor > 0:  # from the training labels alone, never from validation
+        widest = widest_cross_section(pool_volume(train[0][:1], train[1], params["infer"]["downsample_xy"])[1])
+        params["segment"]["max_area_2d"] = int(args.max_area_factor * widest)
+        print(f"max_area_2d: {params['segment']['max_area_2d']} px ({args.max_area_factor} x the widest training "
+              f"mitochondrion's {widest} px at the inference scale)")
     if args.tune:
         heat = predict_heat(model, train[0], params, checkpoint.get("input_norm"))
         params["segment"] = tune_segment(heat, train[1], params, channels, support)
@@ -186,6 +201,10 @@ def main() -> None:
         image, gt = load_stack(folder)
         heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
         results[name] = score_heat(heat, gt, params, channels, params["segment"], support)
+        if params["segment"]["max_area_2d"]:
+            unfiltered = score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
+            print(f"{name} without max_area_2d: iou {unfiltered['voxel_iou']:.4f} f1 {unfiltered['instance_f1']:.4f} "
+                  f"f1_2d {unfiltered['f1_2d']:.4f} precision {unfiltered['voxel_precision']:.4f}")
         write_json(out_dir / f"metrics_{name}.json", results[name])
         if name == "v2018" and args.support_sizes:
             support_table(model, checkpoint, train, image, gt, params, [int(s) for s in args.support_sizes.split(",")])

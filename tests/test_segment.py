@@ -370,3 +370,23 @@ def test_auto_decode_runs_bc_watershed_on_two_channels():
     bc = decode({"foreground": binary, "contour": contour}, {"decoder": "bc_watershed", "bc_min_size": 10})
     assert np.array_equal(auto, bc)
     assert auto.max() == 2
+
+
+def test_max_area_2d_drops_objects_wider_than_any_mitochondrion():
+    """A long dark process (a wide cross-section in some slice) goes; mitochondria stay, ids consecutive."""
+    z, y, x = np.indices((6, 60, 90))
+    mito_a = ((y - 12) ** 2 + (x - 12) ** 2 < 40) & (z < 5)  # ~120 px per slice
+    mito_b = ((y - 48) ** 2 + (x - 15) ** 2 < 40) & (z > 0)
+    process = (np.abs(y - 30) < 4) & (x > 30) & (z > 1) & (z < 4)  # 7 x 59 = 413 px in slices 2-3
+    heat = np.where(mito_a | mito_b | process, 250, 0).astype(np.uint8)
+    params = {"decoder": "heat_watershed", "min_size": 10, "min_seed_size": 4, "blur_sigma": 0.5}
+    everything = decode({"foreground": heat}, params)
+    assert everything.max() == 3
+    filtered = decode({"foreground": heat}, {**params, "max_area_2d": 300})
+    assert filtered.max() == 2 and set(np.unique(filtered)) == {0, 1, 2}
+    assert filtered[2, 30, 60] == 0 and filtered[2, 12, 12] > 0 and filtered[2, 48, 15] > 0
+    # The kept objects are exactly the ones that were there, voxel for voxel.
+    assert same_partition(filtered, np.where(everything == everything[2, 30, 60], 0, everything))
+    assert np.array_equal(decode({"foreground": heat}, {**params, "max_area_2d": 0}), everything)
+    # A bound above the widest cross-section keeps everything.
+    assert decode({"foreground": heat}, {**params, "max_area_2d": 10_000}).max() == 3

@@ -1,6 +1,6 @@
 """Instance segmentation of one heatmap block: foreground, seeds, seeded watershed, size filter.
 
-Two decoders, selected by ``segment.decoder``:
+Four decoders, selected by ``segment.decoder``:
 
 - ``heat_watershed`` (the original pipeline's recipe) on a one-channel
   heatmap: per-slice Gaussian blur, foreground = blurred heat above a
@@ -15,6 +15,10 @@ Two decoders, selected by ``segment.decoder``:
 - ``nearest_neighbour``: foreground = voxels whose k nearest embeddings in a
   support set (saved beside the checkpoint) are mostly mitochondrion, split as
   ``embedding_cluster`` splits it.
+
+Whatever the decoder, objects wider in some slice than ``max_area_2d`` pixels
+are then dropped (off by default): a long dark process is as dark as a
+mitochondrion, but no mitochondrion is that large in cross-section.
 
 The two watershed decoders share ``seeded_watershed``, which floods only where flooding can change
 the answer: a foreground component that holds fewer than two seeds is one
@@ -552,6 +556,28 @@ def decode_embedding_features(
     )
 
 
+def drop_wide_objects(labels: np.ndarray, max_area: int) -> np.ndarray:
+    """Remove objects whose area in some slice exceeds ``max_area`` pixels; ids stay consecutive from 1.
+
+    ``labels``: uint32 (z, y, x) ids consecutive from 1 (a decoder's output),
+    changed in place and returned. ``max_area`` 0 keeps everything. One pass
+    over the slices; memory: a few arrays of (objects + 1) entries.
+    """
+    count = int(labels.max()) if labels.size else 0
+    if max_area <= 0 or count == 0:
+        return labels
+    widest = np.zeros(count + 1, dtype=np.int64)
+    for plane in labels:
+        np.maximum(widest, np.bincount(plane.reshape(-1), minlength=count + 1), out=widest)
+    keep = widest <= max_area
+    keep[0] = False
+    if keep[1:].all():
+        return labels
+    lut = np.zeros(count + 1, dtype=np.uint32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    return apply_lut(labels, lut)
+
+
 def decode(
     channels: dict[str, np.ndarray],
     params: dict[str, Any] | None = None,
@@ -563,9 +589,21 @@ def decode(
 
     The embedding decoders read the ``emb<i>`` channels (uint8, scaled by
     ``embedding_range``; see ``emmito.embedding``); ``nearest_neighbour`` also
-    needs ``support`` (features, classes).
+    needs ``support`` (features, classes). Every decoder's objects then pass
+    ``drop_wide_objects`` with ``max_area_2d``.
     """
     params = with_defaults("segment", params)
+    labels = _decode(channels, params, progress, support, embedding_range)
+    return drop_wide_objects(labels, params["max_area_2d"])
+
+
+def _decode(
+    channels: dict[str, np.ndarray],
+    params: dict[str, Any],
+    progress: bool,
+    support: tuple[np.ndarray, np.ndarray] | None,
+    embedding_range: float,
+) -> np.ndarray:
     decoder = params["decoder"]
     if decoder == "auto":
         decoder, heat_name = resolve_decoder(decoder, list(channels))
@@ -671,7 +709,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
                 raise EmmitoError(
                     f"{args.heat}: heatmap has shape {ds.shape}, not (channel, z, y, x): rerun emmito merge to rewrite it"
                 )
-            labels = _embedding_run(args, params, ds, attrs)
+            labels = drop_wide_objects(_embedding_run(args, params, ds, attrs), section["max_area_2d"])
         else:
             channels = {
                 name: ds[heat_channel(args.heat, attrs, ds.shape, name, decoder)] for name in DECODER_CHANNELS[decoder]
