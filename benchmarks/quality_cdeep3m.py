@@ -142,7 +142,7 @@ def main() -> None:
                         help="override segment.decoder (with --head embedding the default is embedding_cluster)")
     parser.add_argument("--support-sizes", default="", help="comma-separated support-set sizes for an NNC IoU table")
     parser.add_argument("--tune", action="store_true", help="choose segment thresholds on the training volume (never on validation)")
-    parser.add_argument("--max-area-factor", type=float, default=2.0,
+    parser.add_argument("--max-area-factor", type=float, default=1.0,
                         help="segment.max_area_2d = this x the widest cross-section of a training mitochondrion (0: off)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--keep", type=Path, default=None, help="folder (outside the repo) to keep checkpoint and metrics in")
