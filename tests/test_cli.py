@@ -64,3 +64,25 @@ def test_corrupt_hdf5_is_one_line(tmp_path):
     result = emmito("segment", str(bad), str(tmp_path / "seg.h5"))
     assert result.returncode == 2 and "corrupt or truncated" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "seg.h5").exists()
+
+
+def test_sigterm_while_the_handler_is_being_set_is_caught(monkeypatch, capsys, tmp_path):
+    """Python runs a signal's handler at its next check, which can be right after signal.signal returns."""
+    import signal
+
+    from emmito import cli
+
+    real_signal = signal.signal
+
+    def set_then_deliver(signum, handler):
+        previous = real_signal(signum, handler)
+        if handler is cli._raise_terminated:
+            handler(signum, None)  # the SIGTERM that arrived during the call
+        return previous
+
+    monkeypatch.setattr(cli.signal, "signal", set_then_deliver)
+    status = cli.main(["segment", str(tmp_path / "heat.h5"), str(tmp_path / "seg.h5")])
+    assert status == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "emmito segment: terminated (SIGTERM): no partial output was kept; rerun the job"
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated

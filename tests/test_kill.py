@@ -56,6 +56,9 @@ for line in sys.stdin:
         code = 1
         try:
             code = cli.main(request["argv"])
+        except BaseException:  # os._exit below skips Python's own report: print it, for the test's message
+            import traceback
+            traceback.print_exc()
         finally:
             os._exit(code)
     print(child, flush=True)

@@ -183,18 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Signal handlers can only be set from the main thread (tests may call main() from others).
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    previous_sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    finished = False
     try:
         try:
-            return _run_verb(args)
+            # Set inside the try: a SIGTERM that arrives while the handler is being set
+            # runs it as soon as signal.signal returns, and must be caught here too.
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, _raise_terminated)
+            status = _run_verb(args)
+            finished = True
+            return status
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous_sigterm)
     except Terminated:
-        # SIGTERM came after the stage had finished, before the handler was restored: nothing to undo.
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        print(f"emmito {args.verb}: terminated (SIGTERM) after finishing", file=sys.stderr)
+        if finished:  # after the stage had finished, before the handler was restored: nothing to undo
+            print(f"emmito {args.verb}: terminated (SIGTERM) after finishing", file=sys.stderr)
+        else:  # before the stage began: nothing was written
+            print(f"emmito {args.verb}: terminated (SIGTERM): no partial output was kept; rerun the job", file=sys.stderr)
         return 128 + signal.SIGTERM
 
 
