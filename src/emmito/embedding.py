@@ -255,6 +255,15 @@ def cluster_features(
     return nearest
 
 
+def keep_lut(keep: np.ndarray) -> np.ndarray:
+    """uint32 lookup table mapping the ids where ``keep`` (bool, one entry per id, id 0 first) to 1, 2, ... in order, the rest to 0."""
+    keep = np.asarray(keep, dtype=bool).copy()
+    keep[0] = False
+    lut = np.zeros(len(keep), dtype=np.uint32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    return lut
+
+
 def relabel_components(labels: np.ndarray, min_size: int) -> np.ndarray:
     """6-connected components of a multi-label volume (uint32 (z, y, x)), those below ``min_size`` removed.
 
@@ -263,10 +272,7 @@ def relabel_components(labels: np.ndarray, min_size: int) -> np.ndarray:
     """
     components, count = cc3d.connected_components(labels, connectivity=6, return_N=True, out_dtype=np.uint32)
     sizes = np.bincount(components.reshape(-1), minlength=count + 1)
-    keep = sizes >= max(1, min_size)
-    keep[0] = False
-    lut = np.zeros(count + 1, dtype=np.uint32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    lut = keep_lut(sizes >= max(1, min_size))
     # In place: a second block-sized array is what bounds memory here.
     fastremap.remap_from_array(components.reshape(-1), lut, in_place=True)
     return components

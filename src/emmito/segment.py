@@ -421,10 +421,7 @@ def seeded_watershed(
 
     # Size filter and consecutive renumbering in one table lookup, at the foreground voxels only.
     sizes = np.bincount(region, minlength=1)
-    keep = sizes >= max(1, min_size)
-    keep[0] = False
-    lut = np.zeros(len(sizes), dtype=np.uint32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    lut = embedding.keep_lut(sizes >= max(1, min_size))
     labels = np.zeros(shape, dtype=np.uint32)
     labels.reshape(-1)[voxels] = lut[region]
     return labels
@@ -570,12 +567,9 @@ def drop_wide_objects(labels: np.ndarray, max_area: int) -> np.ndarray:
     for plane in labels:
         np.maximum(widest, np.bincount(plane.reshape(-1), minlength=count + 1), out=widest)
     keep = widest <= max_area
-    keep[0] = False
     if keep[1:].all():
         return labels
-    lut = np.zeros(count + 1, dtype=np.uint32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    return apply_lut(labels, lut)
+    return apply_lut(labels, embedding.keep_lut(keep))
 
 
 def decode(
