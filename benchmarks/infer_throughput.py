@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from emmito import __version__, blocks, infer
+from emmito import __version__, blocks, contract, infer, prediction, runtime
 from emmito.config import section_defaults
-from emmito.io import atomic_path, create_volume, open_volume
-from emmito.model import build_model, check_patch
+from emmito.io import create_volume, open_volume
+from emmito.model import build_model, check_patch, load_checkpoint
 
 
 def write_image(path: Path, depth: int, size: int, seed: int = 0) -> None:
@@ -64,14 +64,13 @@ def write_checkpoint(path: Path, model_cfg: dict[str, Any], seed: int = 0) -> No
     torch.manual_seed(seed)
     model = build_model(model_cfg)
     checkpoint = {
-        "model_config": model_cfg,
-        "state_dict": model.state_dict(),
-        "channels": ["foreground"],
-        "input_norm": dict(infer.DEFAULT_INPUT_NORM),
-        "emmito_version": __version__,
+        contract.CHECKPOINT_MODEL_CONFIG: model_cfg,
+        contract.CHECKPOINT_STATE: model.state_dict(),
+        contract.CHECKPOINT_CHANNELS: ["foreground"],
+        contract.CHECKPOINT_INPUT_NORM: dict(prediction.DEFAULT_INPUT_NORM),
+        contract.CHECKPOINT_VERSION: __version__,
     }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    contract.save_checkpoint(path, checkpoint)
 
 
 class Recorder(torch.nn.Module):
@@ -102,7 +101,7 @@ def run_bare(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            with infer.autocast(device):
+            with runtime.autocast(device):
                 model(batch.to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -139,7 +138,7 @@ def main() -> None:
     parser.add_argument("--filters", type=int, nargs="+", default=section_defaults("model")["filters"])
     parser.add_argument("--patch", type=int, nargs=3, default=section_defaults("model")["patch"])
     parser.add_argument("--batch-size", type=int, default=section_defaults("infer")["batch_size"])
-    parser.add_argument("--tta", type=int, default=1, choices=infer.TTA_COUNTS)
+    parser.add_argument("--tta", type=int, default=1, choices=prediction.TTA_COUNTS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: all cores); on a shared 2-core machine 1 gives the steadier figure")
@@ -152,7 +151,7 @@ def main() -> None:
     parser.add_argument("--depth-factor", type=int, default=4)
     args = parser.parse_args()
 
-    device = infer.pick_device()
+    device = runtime.pick_device()
     model_cfg = {**section_defaults("model"), "filters": args.filters, "patch": args.patch}
     check_patch(args.patch, model_cfg, "--patch")
     infer_cfg = {
@@ -163,14 +162,14 @@ def main() -> None:
         "threads": args.threads,
     }
     params = {"model": model_cfg, "infer": infer_cfg}
-    torch.set_num_threads(infer.job_threads(args.threads))
+    torch.set_num_threads(runtime.thread_count(args.threads))
 
     with tempfile.TemporaryDirectory(prefix="emmito-infer-bench-") as folder:
         work = Path(folder)
         image, checkpoint, out = work / "image.h5", work / "ckpt.pt", work / "chunk.h5"
         write_image(image, args.slices, args.size)
         write_checkpoint(checkpoint, model_cfg)
-        model, _ = infer.load_checkpoint(checkpoint, model_cfg, device)
+        model, _ = load_checkpoint(checkpoint, model_cfg, device)
 
         # The warm-up (of the model and the pipeline's code); the recorded batches are what the pipeline feeds the network.
         recorder = Recorder(model)

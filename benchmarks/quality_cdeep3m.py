@@ -45,14 +45,16 @@ sys.path.insert(0, str(REPO / "src"))
 
 from emmito import config as config_module  # noqa: E402
 from emmito.convert import binary_to_instances  # noqa: E402
-from emmito.embedding import heat_to_embeddings, nearest_neighbour_classify  # noqa: E402
-from emmito.evaluate import evaluate_arrays  # noqa: E402
-from emmito.infer import TTA_COUNTS, job_threads, load_checkpoint, mean_pool_xy, to_heat  # noqa: E402
+from emmito.contract import save_checkpoint  # noqa: E402
+from emmito.decoders import decode, nearest_neighbour_classify, resolve_decoder  # noqa: E402
+from emmito.embedding import heat_to_embeddings  # noqa: E402
 from emmito.io import list_slices, read_png_slice, write_json  # noqa: E402
-from emmito.model import embedding_dim, parameter_count  # noqa: E402
-from emmito.segment import decode, resolve_decoder  # noqa: E402
-from emmito.train import pool_volume, predict_volume, save_checkpoint, support_set, train_model, training_embeddings  # noqa: E402
-from emmito.upsample import upsample_labels  # noqa: E402
+from emmito.metrics import evaluate_arrays  # noqa: E402
+from emmito.model import embedding_dim, load_checkpoint, parameter_count  # noqa: E402
+from emmito.prediction import TTA_COUNTS, predict_volume, to_heat  # noqa: E402
+from emmito.resampling import mean_pool_xy, pool_pair, upsample_labels  # noqa: E402
+from emmito.runtime import thread_count  # noqa: E402
+from emmito.train import support_set, train_model, training_embeddings  # noqa: E402
 
 DECODERS = ("auto", "heat_watershed", "bc_watershed", "embedding_cluster", "nearest_neighbour")
 
@@ -112,7 +114,7 @@ def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image:
     dim = embedding_dim(params["model"])
     heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
     embeddings = heat_to_embeddings(heat[-dim:])
-    truth = pool_volume(image, gt, params["infer"]["downsample_xy"])[1] > 0
+    truth = pool_pair(image, gt, params["infer"]["downsample_xy"])[1] > 0
     embedded = training_embeddings(checkpoint, [train], params)  # once: the sets below are draws from it
     print("| support voxels | k | NNC foreground IoU (v2018 validation) | seconds |")
     print("| ---: | ---: | ---: | ---: |")
@@ -167,7 +169,7 @@ def main() -> None:
     elif params["model"]["head"] == "embedding":
         params["segment"]["decoder"] = "embedding_cluster"
     params = config_module.validate(params, source=str(args.config))
-    torch.set_num_threads(job_threads(params["train"]["threads"]))
+    torch.set_num_threads(thread_count(params["train"]["threads"]))
     out_dir = args.keep or Path(tempfile.mkdtemp(prefix="emmito-cdeep3m-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -187,7 +189,7 @@ def main() -> None:
     channels = list(checkpoint["channels"])
     support = support_set(checkpoint, [train], params) if params["segment"]["decoder"] == "nearest_neighbour" else None
     if args.max_area_factor > 0:  # from the training labels alone, never from validation
-        widest = widest_cross_section(pool_volume(train[0][:1], train[1], params["infer"]["downsample_xy"])[1])
+        widest = widest_cross_section(pool_pair(train[0][:1], train[1], params["infer"]["downsample_xy"])[1])
         params["segment"]["max_area_2d"] = int(args.max_area_factor * widest)
         print(f"max_area_2d: {params['segment']['max_area_2d']} px ({args.max_area_factor} x the widest training "
               f"mitochondrion's {widest} px at the inference scale)")

@@ -8,7 +8,7 @@ touching, with noise) it times, in one run:
   connected components, components < 1000 voxels removed, seeds = scipy label of
   heat > 150 with seeds < 100 voxels dropped, skimage watershed of the inverted
   heatmap inside the foreground over the whole block, uint16 output);
-- ``emmito.segment.segment_block`` with the schema defaults (the same numbers);
+- ``emmito.decoders.segment_block`` with the schema defaults (the same numbers);
 - the instance F1 at IoU 0.5 between the two outputs;
 - tracing: matching this block's overlap slab with the next block's (the work
   per block boundary), and the whole in-memory trace of the two blocks;
@@ -36,9 +36,12 @@ from scipy import ndimage
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
-from emmito.evaluate import instance_f1
+from emmito import contract
+from emmito.config import section_defaults
+from emmito.decoders import segment_block
 from emmito.io import create_volume
-from emmito.segment import keep_freed_memory, segment_block
+from emmito.metrics import instance_f1
+from emmito.runtime import keep_freed_memory
 from emmito.trace import match_overlap, trace_arrays
 
 BLOCK_OVERLAP = 4
@@ -154,7 +157,7 @@ def write_label_blocks(folder: Path, n_blocks: int, block_slices: int, size: int
         labels = np.broadcast_to(pattern, (stop - start, *shape_yx)).copy()
         labels[labels > 0] += 7 * b  # block-local ids differ from block to block
         path = folder / f"block_{b}.h5"
-        attrs = {"volume_depth": depth, "downsample_xy": factor, "channels": ["foreground"]}
+        attrs = {**contract.volume_frame(depth, factor), contract.CHANNELS: ["foreground"]}
         with create_volume(path, labels.shape, np.uint32, voxel_size=[40, 8 * factor, 8 * factor], offset=start, attrs=attrs) as ds:
             ds[...] = labels
         paths.append(path)
@@ -205,7 +208,7 @@ def main() -> None:
     first, second = heat[:block], heat[args.slices :]
     voxels = first.size
     print(f"block: {first.shape} uint8, {voxels / 1e6:.0f} Mvoxels, foreground {np.mean(first > 16):.3f}")
-    params = {"threads": args.threads}
+    params = {**section_defaults("segment"), "threads": args.threads}
 
     # Both methods run in this process, so both get its memory reuse; each is
     # timed as the best of --repeats runs (the first pays for touching memory).

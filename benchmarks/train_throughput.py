@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 from emmito import config as config_module  # noqa: E402
-from emmito.infer import pick_device  # noqa: E402
+from emmito.runtime import pick_device  # noqa: E402
 from emmito.synth import synthesize  # noqa: E402
 from emmito.train import train_model  # noqa: E402
 

@@ -1,6 +1,8 @@
 # Everything that is not a rule: config validation, chunk/block arithmetic, input functions.
 # Parse-time work stays cheap because every cluster job parses this again: one directory
 # listing and one PNG header per volume, no image decoding.
+# Every path pattern comes from emmito.contract.Results (R), the cutting into chunks and
+# blocks from emmito.blocks.Layout (LAYOUT).
 
 import json
 import os
@@ -9,9 +11,9 @@ import shlex
 from functools import cache
 
 import emmito
-from emmito import blocks
-from emmito.config import model_dir, support_set_path
+from emmito.blocks import Layout
 from emmito.config import validate as validate_config
+from emmito.contract import Results
 from emmito.io import EmmitoError, list_slices, png_header
 from snakemake.exceptions import WorkflowError
 
@@ -27,15 +29,14 @@ wildcard_constraints:
     block=r"\d+",
 
 
-MODEL_DIR = model_dir(config)
-CHUNK_SLICES = config["infer"]["chunk_slices"]
-BLOCK_SLICES = config["merge"]["block_slices"]
-BLOCK_OVERLAP = config["merge"]["block_overlap"]
+R = Results()
+MODEL = config["model"]["name"]
+LAYOUT = Layout.from_config(config)
 CONDA_ENV = "../envs/emmito.yaml"
 EMBEDDING_HEAD = config["model"]["head"] == "embedding"
 EMBEDDING_DECODERS = ("embedding_cluster", "nearest_neighbour")
 # The support set the nearest_neighbour decoder reads: written beside the checkpoint by train.
-SUPPORT_SET = support_set_path(config)
+SUPPORT_SET = config["segment"]["support_set"] or R.support_set(MODEL)
 NEEDS_SUPPORT = config["segment"]["decoder"] == "nearest_neighbour"
 if config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDING_HEAD:
     raise WorkflowError(
@@ -79,8 +80,10 @@ def has_labels(vol):
     return "labels" in config["volumes"][vol]
 
 
-def n_blocks(vol):
-    return blocks.count(depth(vol), BLOCK_SLICES)
+@cache
+def volume_layout(vol):
+    """The chunks and blocks of one volume."""
+    return LAYOUT.with_depth(depth(vol))
 
 
 # ---- outputs -----------------------------------------------------------------
@@ -88,22 +91,16 @@ def n_blocks(vol):
 
 def all_outputs():
     """Final targets: the traced, full-resolution segmentation and, where labels exist, metrics."""
-    targets = [f"{MODEL_DIR}/checkpoint.pt"]
+    targets = [R.checkpoint(MODEL)]
     if config["train"]["volumes"]:
-        targets.append(f"{MODEL_DIR}/report/training.png")
+        targets.append(R.model_report(MODEL))
     for vol in config["infer"]["volumes"]:
-        targets.append(f"results/{vol}/seg.h5")
-        targets.append(f"results/{vol}/ng")
-        targets += [
-            f"results/{vol}/report/overlays.png",
-            f"results/{vol}/report/sizes.png",
-        ]
+        targets.append(R.seg(vol))
+        targets.append(R.neuroglancer(vol))
+        targets += [R.report(vol, "overlays.png"), R.report(vol, "sizes.png")]
         if has_labels(vol):
-            targets.append(f"results/{vol}/metrics.json")
-            targets += [
-                f"results/{vol}/report/scores.png",
-                f"results/{vol}/report/metrics.html",
-            ]
+            targets.append(R.metrics(vol))
+            targets += [R.report(vol, "scores.png"), R.report(vol, "metrics.html")]
     return targets
 
 
@@ -117,7 +114,7 @@ def convert_images(wildcards):
 def convert_labels(wildcards):
     if not has_labels(wildcards.vol):
         raise WorkflowError(
-            f"results/{wildcards.vol}/label.h5 was requested but volumes.{wildcards.vol} has no 'labels': add them to the config"
+            f"{R.label(wildcards.vol)} was requested but volumes.{wildcards.vol} has no 'labels': add them to the config"
         )
     return slice_files(wildcards.vol) + slice_files(wildcards.vol, "labels")
 
@@ -127,36 +124,24 @@ def train_inputs(wildcards):
     if not config["train"]["volumes"]:
         raise WorkflowError(
             "train.volumes is empty: name the labelled volumes to train on (or put a trained checkpoint at "
-            f"{MODEL_DIR}/checkpoint.pt)"
+            f"{R.checkpoint(MODEL)})"
         )
-    return [f"results/{v}/{kind}.h5" for v in vols for kind in ("image", "label")]
+    return [path for v in vols for path in (R.image(v), R.label(v))]
 
 
 def train_args(wildcards):
-    args = [
-        f"--train results/{v}/image.h5 results/{v}/label.h5"
-        for v in config["train"]["volumes"]
-    ]
-    args += [
-        f"--val results/{v}/image.h5 results/{v}/label.h5"
-        for v in config["train"]["validation"]
-    ]
+    args = [f"--train {R.image(v)} {R.label(v)}" for v in config["train"]["volumes"]]
+    args += [f"--val {R.image(v)} {R.label(v)}" for v in config["train"]["validation"]]
     return " ".join(args)
 
 
 def merge_chunks(wildcards):
-    chunk_indices = blocks.chunks_of_block(
-        int(wildcards.block),
-        BLOCK_SLICES,
-        BLOCK_OVERLAP,
-        CHUNK_SLICES,
-        depth(wildcards.vol),
-    )
-    return [f"results/{wildcards.vol}/heat/chunk_{c}.h5" for c in chunk_indices]
+    chunk_indices = volume_layout(wildcards.vol).chunks_of_block(int(wildcards.block))
+    return [R.heat_chunk(wildcards.vol, c) for c in chunk_indices]
 
 
 def segment_inputs(wildcards):
-    inputs = {"heat": f"results/{wildcards.vol}/heat/block_{wildcards.block}.h5"}
+    inputs = {"heat": R.heat_block(wildcards.vol, wildcards.block)}
     if NEEDS_SUPPORT:
         inputs["support"] = SUPPORT_SET
     return inputs
@@ -164,11 +149,11 @@ def segment_inputs(wildcards):
 
 def train_outputs():
     outputs = {
-        "checkpoint": f"{MODEL_DIR}/checkpoint.pt",
-        "metrics": f"{MODEL_DIR}/metrics.jsonl",
+        "checkpoint": R.checkpoint(MODEL),
+        "metrics": R.training_log(MODEL),
     }
     if EMBEDDING_HEAD:
-        outputs["support"] = f"{MODEL_DIR}/support.npz"
+        outputs["support"] = R.support_set(MODEL)
     return outputs
 
 
@@ -178,16 +163,13 @@ def support_arg(wildcards, output):
 
 def trace_blocks(wildcards):
     return [
-        f"results/{wildcards.vol}/seg/block_{b}.h5"
-        for b in range(n_blocks(wildcards.vol))
+        R.seg_block(wildcards.vol, b)
+        for b in range(volume_layout(wildcards.vol).n_blocks)
     ]
 
 
 def evaluate_inputs(wildcards):
-    return {
-        "seg": f"results/{wildcards.vol}/seg.h5",
-        "label": f"results/{wildcards.vol}/label.h5",
-    }
+    return {"seg": R.seg(wildcards.vol), "label": R.label(wildcards.vol)}
 
 
 # ---- parameters ------------------------------------------------------------------
@@ -229,11 +211,11 @@ def mem_mb(slices, bytes_per_voxel, base_mb=1000):
 
 
 def chunk_slices_of(wildcards):
-    return CHUNK_SLICES + 2 * config["model"]["patch"][0]
+    return LAYOUT.chunk_slices + 2 * config["model"]["patch"][0]
 
 
 def block_slices_of(wildcards):
-    return BLOCK_SLICES + BLOCK_OVERLAP
+    return LAYOUT.block_slices + LAYOUT.block_overlap
 
 
 def runtime_minutes(minutes):

@@ -3,11 +3,11 @@ rule convert:
     input:
         convert_images,
     output:
-        "results/{vol}/image.h5",
+        R.image(),
     log:
-        "results/logs/convert/{vol}.log",
+        R.log("convert", "{vol}"),
     benchmark:
-        "results/benchmarks/convert/{vol}.tsv"
+        R.benchmark("convert", "{vol}")
     conda:
         CONDA_ENV
     threads: 1
@@ -27,11 +27,11 @@ rule convert_labels:
     input:
         convert_labels,
     output:
-        "results/{vol}/label.h5",
+        R.label(),
     log:
-        "results/logs/convert_labels/{vol}.log",
+        R.log("convert_labels", "{vol}"),
     benchmark:
-        "results/benchmarks/convert_labels/{vol}.tsv"
+        R.benchmark("convert_labels", "{vol}")
     conda:
         CONDA_ENV
     threads: 1

@@ -3,11 +3,11 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        "results/{vol}/metrics.json",
+        R.metrics(),
     log:
-        "results/logs/evaluate/{vol}.log",
+        R.log("evaluate", "{vol}"),
     benchmark:
-        "results/benchmarks/evaluate/{vol}.tsv"
+        R.benchmark("evaluate", "{vol}")
     conda:
         CONDA_ENV
     threads: 1

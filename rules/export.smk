@@ -13,14 +13,14 @@ EXPORT_MEM_MB = 1000 + int(
 rule export:
     """seg.h5 + image.h5 -> neuroglancer precomputed volumes (multiscale) for emmito view."""
     input:
-        seg="results/{vol}/seg.h5",
-        image="results/{vol}/image.h5",
+        seg=R.seg(),
+        image=R.image(),
     output:
-        directory("results/{vol}/ng"),
+        directory(R.neuroglancer()),
     log:
-        "results/logs/export/{vol}.log",
+        R.log("export", "{vol}"),
     benchmark:
-        "results/benchmarks/export/{vol}.tsv"
+        R.benchmark("export", "{vol}")
     conda:
         CONDA_ENV
     threads: 2

@@ -1,14 +1,14 @@
 rule infer:
     """Heatmap of chunk {chunk}: its slices only, computed with a z-halo (GPU rule)."""
     input:
-        image="results/{vol}/image.h5",
-        checkpoint=f"{MODEL_DIR}/checkpoint.pt",
+        image=R.image(),
+        checkpoint=R.checkpoint(MODEL),
     output:
-        "results/{vol}/heat/chunk_{chunk}.h5",
+        R.heat_chunk(),
     log:
-        "results/logs/infer/{vol}/chunk_{chunk}.log",
+        R.log("infer", "{vol}/chunk_{chunk}"),
     benchmark:
-        "results/benchmarks/infer/{vol}/chunk_{chunk}.tsv"
+        R.benchmark("infer", "{vol}/chunk_{chunk}")
     conda:
         CONDA_ENV
     threads: 2

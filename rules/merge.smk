@@ -3,11 +3,11 @@ rule merge:
     input:
         merge_chunks,
     output:
-        "results/{vol}/heat/block_{block}.h5",
+        R.heat_block(),
     log:
-        "results/logs/merge/{vol}/block_{block}.log",
+        R.log("merge", "{vol}/block_{block}"),
     benchmark:
-        "results/benchmarks/merge/{vol}/block_{block}.tsv"
+        R.benchmark("merge", "{vol}/block_{block}")
     conda:
         CONDA_ENV
     threads: 1

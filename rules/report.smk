@@ -7,17 +7,17 @@ report: "../report/workflow.rst"
 rule report_training:
     """Loss, learning rate and validation IoU of the training run."""
     input:
-        f"{MODEL_DIR}/metrics.jsonl",
+        R.training_log(MODEL),
     output:
         report(
-            f"{MODEL_DIR}/report/training.png",
+            R.model_report(MODEL),
             caption="../report/training.rst",
             category="Training",
         ),
     log:
-        f"{MODEL_DIR}/report/training.log",
+        R.model_report(MODEL, "training.log"),
     benchmark:
-        f"{MODEL_DIR}/report/training.benchmark.tsv"
+        R.model_report(MODEL, "training.benchmark.tsv")
     conda:
         CONDA_ENV
     threads: 1
@@ -31,24 +31,24 @@ rule report_training:
 rule report_scores:
     """Precision, recall, F1 against IoU threshold, and metrics.json as a table."""
     input:
-        "results/{vol}/metrics.json",
+        R.metrics(),
     output:
         plot=report(
-            "results/{vol}/report/scores.png",
+            R.report(name="scores.png"),
             caption="../report/scores.rst",
             category="Evaluation",
             subcategory="{vol}",
         ),
         table=report(
-            "results/{vol}/report/metrics.html",
+            R.report(name="metrics.html"),
             caption="../report/metrics.rst",
             category="Evaluation",
             subcategory="{vol}",
         ),
     log:
-        "results/logs/report/{vol}.scores.log",
+        R.log("report", "{vol}.scores"),
     benchmark:
-        "results/benchmarks/report/{vol}.scores.tsv"
+        R.benchmark("report", "{vol}.scores")
     conda:
         CONDA_ENV
     threads: 1
@@ -62,26 +62,26 @@ rule report_scores:
 rule report_volume:
     """EM slices with the segmentation overlaid, and the object size histogram."""
     input:
-        seg="results/{vol}/seg.h5",
-        image="results/{vol}/image.h5",
-        id_map="results/{vol}/trace.json",
+        seg=R.seg(),
+        image=R.image(),
+        id_map=R.id_map(),
     output:
         overlays=report(
-            "results/{vol}/report/overlays.png",
+            R.report(name="overlays.png"),
             caption="../report/overlays.rst",
             category="Segmentation",
             subcategory="{vol}",
         ),
         sizes=report(
-            "results/{vol}/report/sizes.png",
+            R.report(name="sizes.png"),
             caption="../report/sizes.rst",
             category="Segmentation",
             subcategory="{vol}",
         ),
     log:
-        "results/logs/report/{vol}.volume.log",
+        R.log("report", "{vol}.volume"),
     benchmark:
-        "results/benchmarks/report/{vol}.volume.tsv"
+        R.benchmark("report", "{vol}.volume")
     conda:
         CONDA_ENV
     threads: 1

@@ -3,11 +3,11 @@ rule segment:
     input:
         unpack(segment_inputs),
     output:
-        "results/{vol}/seg/block_{block}.h5",
+        R.seg_block(),
     log:
-        "results/logs/segment/{vol}/block_{block}.log",
+        R.log("segment", "{vol}/block_{block}"),
     benchmark:
-        "results/benchmarks/segment/{vol}/block_{block}.tsv"
+        R.benchmark("segment", "{vol}/block_{block}")
     conda:
         CONDA_ENV
     threads: 2

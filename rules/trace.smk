@@ -3,12 +3,12 @@ rule trace:
     input:
         trace_blocks,
     output:
-        seg="results/{vol}/seg_infer.h5",
-        id_map="results/{vol}/trace.json",
+        seg=R.traced(),
+        id_map=R.id_map(),
     log:
-        "results/logs/trace/{vol}.log",
+        R.log("trace", "{vol}"),
     benchmark:
-        "results/benchmarks/trace/{vol}.tsv"
+        R.benchmark("trace", "{vol}")
     conda:
         CONDA_ENV
     threads: 1

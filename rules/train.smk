@@ -5,9 +5,9 @@ rule train:
     output:
         **train_outputs(),
     log:
-        f"{MODEL_DIR}/train.log",
+        R.train_log(MODEL),
     benchmark:
-        f"{MODEL_DIR}/train.benchmark.tsv"
+        R.train_benchmark(MODEL)
     conda:
         CONDA_ENV
     threads: 2

@@ -1,14 +1,14 @@
 rule upsample:
     """Traced labels -> full image resolution (nearest) + a mode-downsampled pyramid for viewing."""
     input:
-        traced="results/{vol}/seg_infer.h5",
-        image="results/{vol}/image.h5",
+        traced=R.traced(),
+        image=R.image(),
     output:
-        "results/{vol}/seg.h5",
+        R.seg(),
     log:
-        "results/logs/upsample/{vol}.log",
+        R.log("upsample", "{vol}"),
     benchmark:
-        "results/benchmarks/upsample/{vol}.tsv"
+        R.benchmark("upsample", "{vol}")
     conda:
         CONDA_ENV
     threads: 1

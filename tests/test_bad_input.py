@@ -28,14 +28,15 @@ from PIL import Image
 from tinyproject import EMMITO, REPO, TINY_CONFIG, merged, snakemake
 
 from emmito import config as cfg
-from emmito import io
+from emmito import contract, io
 from emmito.cli import main
 from emmito.io import EmmitoError
 
 pytestmark = pytest.mark.bad_input
 
 VOXEL = ["--voxel-size", "40", "8", "8"]
-HEAT_ATTRS = {"channels": ["foreground"], "volume_depth": 12, "downsample_xy": 1}
+# Heat blocks of a 12-slice volume at full resolution, one foreground channel (contract.fixture).
+HEAT_DEPTH = 12
 # A tqdm line as it ends up in a log: "desc:  50%|#####     | 2/4 [00:00<00:00, 9.1slice/s]".
 TQDM_LINE = re.compile(r"(\|.*\| *\d+/\d+|\d+\w* \[\d\d:\d\d)")
 
@@ -107,9 +108,8 @@ def convert(tmp_path: Path, images: Path, *extra: str | Path) -> tuple[subproces
     return result, out
 
 
-def heat_block(path: Path, heat: np.ndarray, offset: int = 0, attrs: dict | None = None) -> Path:
-    io.write_volume(path, heat, voxel_size=[40, 8, 8], offset=offset, attrs=attrs or HEAT_ATTRS)
-    return path
+def heat_block(path: Path, heat: np.ndarray, offset: int = 0) -> Path:
+    return contract.fixture(path, "heat", heat, offset=offset, volume_depth=HEAT_DEPTH)
 
 
 def run_main(argv: list[str], capfd: pytest.CaptureFixture) -> tuple[int, str]:
@@ -118,59 +118,128 @@ def run_main(argv: list[str], capfd: pytest.CaptureFixture) -> tuple[int, str]:
     return status, capfd.readouterr().err
 
 
-# ---- slices: numbering, count, size ------------------------------------------------------
+# ---- slices and labels: each case makes one bad input for convert ---------------------------
+# A case is (make, words): make(tmp_path) -> (images, extra convert arguments), then convert
+# must refuse with one line holding every word ("{tmp}" stands for tmp_path).
 
 
-def test_missing_slice_number_names_both_neighbours(tmp_path):
+def _missing_slice_number(tmp_path):
     images = grey_stack(tmp_path / "em")
     (images / "slice_002.png").unlink()
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["slice number 2 is missing between slice_001.png and slice_003.png", "add the missing slice"], out)
+    return images, []
 
 
-def test_duplicate_slice_number_names_both_files(tmp_path):
+def _duplicate_slice_number(tmp_path):
     images = grey_stack(tmp_path / "em")
     shutil.copy(images / "slice_001.png", images / "slice_1.png")
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["slice_001.png and slice_1.png both have slice number 1", "keep one of them"], out)
+    return images, []
 
 
-def test_no_slices_in_the_folder(tmp_path):
+def _no_slices_in_the_folder(tmp_path):
     (tmp_path / "em").mkdir()
     (tmp_path / "em" / "notes.txt").write_text("not a slice")
-    result, out = convert(tmp_path, tmp_path / "em")
-    assert_refused(result, "convert", [f"folder {tmp_path / 'em'}: no .png files in it", "point to the folder"], out)
+    return tmp_path / "em", []
 
 
-def test_glob_that_matches_nothing(tmp_path):
-    result, out = convert(tmp_path, tmp_path / "em" / "images.*.png")
-    assert_refused(result, "convert", ["no .png files match", "check the path"], out)
+def _glob_that_matches_nothing(tmp_path):
+    return tmp_path / "em" / "images.*.png", []
 
 
-def test_slice_without_a_number_in_its_name(tmp_path):
+def _slice_without_a_number(tmp_path):
     images = grey_stack(tmp_path / "em")
     shutil.copy(images / "slice_000.png", images / "overview.png")
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["overview.png has no number in its name", "rename it"], out)
+    return images, []
 
 
-def test_mixed_slice_sizes_name_the_odd_slice(tmp_path):
+def _mixed_slice_sizes(tmp_path):
     images = grey_stack(tmp_path / "em", count=5)
     write_png(images / "slice_003.png", np.zeros((16, 14), np.uint8))
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["slice 003", "slice_003.png", "is 14x16 (width x height), the others are 16x16: crop or pad it"], out)
+    return images, []
 
 
-# ---- slices: pixel formats -------------------------------------------------------------
-
-
-def test_rgb_slice_with_differing_channels_refused(tmp_path):
+def _rgb_with_differing_channels(tmp_path):
     images = grey_stack(tmp_path / "em")
     colour = np.zeros((16, 16, 3), np.uint8)
     colour[..., 0] = 200  # a red tint: a colour image, not EM
     write_png(images / "slice_002.png", colour)
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["slice_002.png", "is colour (channels differ): export it as greyscale"], out)
+    return images, []
+
+
+def _truncated_png(tmp_path):
+    images = grey_stack(tmp_path / "em", size=(64, 64))
+    data = (images / "slice_002.png").read_bytes()
+    (images / "slice_002.png").write_bytes(data[: len(data) // 2])  # the header survives, the pixels do not
+    return images, []
+
+
+def _jpeg_named_png(tmp_path):
+    images = grey_stack(tmp_path / "em")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(images / "slice_001.png", format="JPEG")
+    return images, []
+
+
+def _binary_labels_with_stray_values(tmp_path):
+    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:6, 2:6], mask[6, 2:6] = 255, 128  # an anti-aliased edge
+    write_png(labels / "mask_001.png", mask)
+    return images, ["--labels", labels, "--label-format", "binary"]
+
+
+def _label_count_differs(tmp_path):
+    images, labels = grey_stack(tmp_path / "em", count=4), mask_stack(tmp_path / "lab", count=3)
+    return images, ["--labels", labels]
+
+
+def _label_size_differs(tmp_path):
+    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab", size=(16, 12))
+    return images, ["--labels", labels]
+
+
+def _grey_labels_declared_as_vast(tmp_path):
+    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
+    return images, ["--labels", labels, "--label-format", "vast"]
+
+
+def _bad_last_label(tmp_path):
+    """The image is streamed first; a bad last label must not leave a finished-looking image.h5."""
+    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
+    write_png(labels / "mask_003.png", np.full((16, 16), 7, np.uint8))
+    return images, ["--labels", labels]
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        # numbering, count, size
+        (_missing_slice_number, ["slice number 2 is missing between slice_001.png and slice_003.png", "add the missing slice"]),
+        (_duplicate_slice_number, ["slice_001.png and slice_1.png both have slice number 1", "keep one of them"]),
+        (_no_slices_in_the_folder, ["folder {tmp}/em: no .png files in it", "point to the folder"]),
+        (_glob_that_matches_nothing, ["no .png files match", "check the path"]),
+        (_slice_without_a_number, ["overview.png has no number in its name", "rename it"]),
+        (_mixed_slice_sizes, ["slice 003", "slice_003.png", "is 14x16 (width x height), the others are 16x16: crop or pad it"]),
+        # pixel formats
+        (_rgb_with_differing_channels, ["slice_002.png", "is colour (channels differ): export it as greyscale"]),
+        (_truncated_png, ["slice_002.png: not a readable PNG", "re-export it"]),
+        (_jpeg_named_png, ["slice_001.png: not a readable PNG (no PNG header", "re-export it as PNG"]),
+        # labels
+        (_binary_labels_with_stray_values, ["mask_001.png: binary mask", "other than 0/1/255: 128", "export a clean 0/255"]),
+        (_label_count_differs, ["3 label slices", "but 4 image slices", "give one label slice per image slice"]),
+        (_label_size_differs, ["are 12x16 but image slices", "are 16x16", "match the images pixel for pixel"]),
+        (_grey_labels_declared_as_vast, ["mask_000.png: label_format vast needs RGB PNGs", "use label_format instance"]),
+        (_bad_last_label, ["mask_003.png: binary mask", ": 7:"]),
+    ],
+    ids=[
+        "missing-slice-number", "duplicate-slice-number", "no-slices-in-the-folder", "glob-that-matches-nothing",
+        "slice-without-a-number", "mixed-slice-sizes", "rgb-with-differing-channels", "truncated-png", "jpeg-named-png",
+        "binary-labels-with-stray-values", "label-count-differs", "label-size-differs", "grey-labels-declared-as-vast",
+        "bad-last-label-leaves-neither-output",
+    ],
+)
+def test_bad_slices_are_refused_in_one_line(tmp_path, make, words):
+    images, extra = make(tmp_path)
+    result, out = convert(tmp_path, images, *extra)
+    assert_refused(result, "convert", [word.format(tmp=tmp_path) for word in words], out)
 
 
 def test_16_bit_slices_are_scaled_by_dropping_the_low_byte(tmp_path):
@@ -189,103 +258,61 @@ def test_16_bit_slices_are_scaled_by_dropping_the_low_byte(tmp_path):
     assert image[0, 0, :3].tolist() == [0, 0, 255]
 
 
-def test_truncated_png_refused(tmp_path):
-    images = grey_stack(tmp_path / "em", size=(64, 64))
-    data = (images / "slice_002.png").read_bytes()
-    (images / "slice_002.png").write_bytes(data[: len(data) // 2])  # the header survives, the pixels do not
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["slice_002.png: not a readable PNG", "re-export it"], out)
-
-
-def test_jpeg_named_png_refused(tmp_path):
-    images = grey_stack(tmp_path / "em")
-    Image.fromarray(np.zeros((16, 16), np.uint8)).save(images / "slice_001.png", format="JPEG")
-    result, out = convert(tmp_path, images)
-    assert_refused(result, "convert", ["slice_001.png: not a readable PNG (no PNG header", "re-export it as PNG"], out)
-
-
-# ---- labels ----------------------------------------------------------------------------------
-
-
-def test_binary_labels_with_stray_values_list_them(tmp_path):
-    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
-    mask = np.zeros((16, 16), np.uint8)
-    mask[2:6, 2:6], mask[6, 2:6] = 255, 128  # an anti-aliased edge
-    write_png(labels / "mask_001.png", mask)
-    result, out = convert(tmp_path, images, "--labels", labels, "--label-format", "binary")
-    assert_refused(result, "convert", ["mask_001.png: binary mask", "other than 0/1/255: 128", "export a clean 0/255"], out)
-
-
-def test_label_count_differs_from_image_count(tmp_path):
-    images, labels = grey_stack(tmp_path / "em", count=4), mask_stack(tmp_path / "lab", count=3)
-    result, out = convert(tmp_path, images, "--labels", labels)
-    assert_refused(result, "convert", ["3 label slices", "but 4 image slices", "give one label slice per image slice"], out)
-
-
-def test_label_size_differs_from_image_size(tmp_path):
-    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab", size=(16, 12))
-    result, out = convert(tmp_path, images, "--labels", labels)
-    assert_refused(result, "convert", ["are 12x16 but image slices", "are 16x16", "match the images pixel for pixel"], out)
-
-
-def test_grey_labels_declared_as_vast(tmp_path):
-    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
-    result, out = convert(tmp_path, images, "--labels", labels, "--label-format", "vast")
-    assert_refused(result, "convert", ["mask_000.png: label_format vast needs RGB PNGs", "use label_format instance"], out)
-
-
-def test_bad_label_fails_late_and_leaves_neither_output(tmp_path):
-    """The image is streamed first; a bad last label must not leave a finished-looking image.h5."""
-    images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
-    write_png(labels / "mask_003.png", np.full((16, 16), 7, np.uint8))
-    result, out = convert(tmp_path, images, "--labels", labels)
-    assert_refused(result, "convert", ["mask_003.png: binary mask", ": 7:"], out)
-
-
 # ---- HDF5 files between stages ---------------------------------------------------------------
 
 
-def test_truncated_hdf5_refused(tmp_path):
+def _truncated_hdf5(tmp_path):
     heat = heat_block(tmp_path / "heat.h5", np.full((1, 12, 64, 64), 9, np.uint8))
     data = heat.read_bytes()
     heat.write_bytes(data[: len(data) // 2])
-    result = emmito("segment", heat, tmp_path / "out" / "seg.h5")
-    assert_refused(result, "segment", [f"{heat}: not a readable HDF5 file", "corrupt or truncated; delete it and rerun"], tmp_path / "out")
+    return heat
 
 
-def test_garbage_named_h5_refused(tmp_path):
+def _garbage_named_h5(tmp_path):
     heat = tmp_path / "heat.h5"
     heat.write_text("this is not HDF5\n")
-    result = emmito("segment", heat, tmp_path / "out" / "seg.h5")
-    assert_refused(result, "segment", [f"{heat}: not a readable HDF5 file"], tmp_path / "out")
+    return heat
 
 
-def test_hdf5_without_main_names_what_it_found(tmp_path):
+def _hdf5_without_main(tmp_path):
     heat = tmp_path / "heat.h5"
     with h5py.File(heat, "w") as f:
         f["raw"] = np.zeros((1, 4, 8, 8), np.uint8)
-    result = emmito("segment", heat, tmp_path / "out" / "seg.h5")
-    assert_refused(result, "segment", ["no 'main' dataset (found raw)", "rewrite the file with that name"], tmp_path / "out")
+    return heat
 
 
-def test_image_volume_given_where_a_heatmap_is_expected(tmp_path):
-    image = heat_block(tmp_path / "image.h5", np.zeros((12, 16, 16), np.uint8))
-    result = emmito("segment", image, tmp_path / "out" / "seg.h5")
-    assert_refused(result, "segment", [f"{image}: heatmap has shape", "not (channel, z, y, x)"], tmp_path / "out")
+def _image_volume_as_heatmap(tmp_path):
+    """An image volume (z, y, x) given where a heatmap is expected."""
+    heat_attrs = contract.heat_file_attrs(["foreground"], HEAT_DEPTH, 1)
+    return contract.fixture(tmp_path / "image.h5", "image", np.zeros((12, 16, 16)), attrs=heat_attrs)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (_truncated_hdf5, ["{path}: not a readable HDF5 file", "corrupt or truncated; delete it and rerun"]),
+        (_garbage_named_h5, ["{path}: not a readable HDF5 file"]),
+        (_hdf5_without_main, ["no 'main' dataset (found raw)", "rewrite the file with that name"]),
+        (_image_volume_as_heatmap, ["{path}: heatmap has shape", "not (channel, z, y, x)"]),
+    ],
+    ids=["truncated-hdf5", "garbage-named-h5", "hdf5-without-main", "image-volume-given-where-a-heatmap-is-expected"],
+)
+def test_bad_heat_file_is_refused_in_one_line(tmp_path, make, words):
+    path = make(tmp_path)
+    result = emmito("segment", path, tmp_path / "out" / "seg.h5")
+    assert_refused(result, "segment", [word.format(path=path) for word in words], tmp_path / "out")
 
 
 def test_merge_with_a_missing_chunk_names_it(tmp_path):
-    attrs = {**HEAT_ATTRS, "volume_depth": 12}
-    chunk0 = heat_block(tmp_path / "chunk_0.h5", np.zeros((1, 4, 8, 8), np.uint8), 0, attrs)
-    heat_block(tmp_path / "chunk_2.h5", np.zeros((1, 4, 8, 8), np.uint8), 8, attrs)
+    chunk0 = heat_block(tmp_path / "chunk_0.h5", np.zeros((1, 4, 8, 8), np.uint8), 0)
+    heat_block(tmp_path / "chunk_2.h5", np.zeros((1, 4, 8, 8), np.uint8), 8)
     params = json.dumps({"infer": {"chunk_slices": 4}, "merge": {"block_slices": 8, "block_overlap": 2}})
     result = emmito("merge", tmp_path / "out" / "block_0.h5", chunk0, tmp_path / "chunk_2.h5", "--block", "0", "--params", params)
     assert_refused(result, "merge", ["slices [4, 8) of block [0, 10) are missing", "pass chunk_1.h5 too"], tmp_path / "out")
 
 
 def test_trace_with_a_missing_block_names_it(tmp_path):
-    attrs = {"volume_depth": 20, "downsample_xy": 1}
-    io.write_volume(tmp_path / "block_0.h5", np.zeros((10, 8, 8), np.uint32), voxel_size=[40, 8, 8], attrs=attrs)
+    contract.fixture(tmp_path / "block_0.h5", "seg", np.zeros((10, 8, 8)), volume_depth=20)
     params = json.dumps({"merge": {"block_slices": 8, "block_overlap": 2}})
     out = tmp_path / "out"
     result = emmito("trace", out / "seg_infer.h5", out / "trace.json", tmp_path / "block_0.h5", "--params", params)
@@ -305,19 +332,18 @@ def test_output_folder_blocked_by_a_file(tmp_path):
 # ---- --params and config ---------------------------------------------------------------
 
 
-def test_params_not_json(tmp_path):
-    result = emmito("segment", "heat.h5", tmp_path / "out" / "seg.h5", "--params", "{segment: 1}")
-    assert_refused(result, "segment", ["--params is not valid JSON", "pass an object such as"], tmp_path / "out")
-
-
-def test_params_json_but_not_an_object(tmp_path):
-    result = emmito("segment", "heat.h5", tmp_path / "out" / "seg.h5", "--params", "[1, 2]")
-    assert_refused(result, "segment", ["--params must be a JSON object of config sections"], tmp_path / "out")
-
-
-def test_params_with_a_typo_in_a_key(tmp_path):
-    result = emmito("segment", "heat.h5", tmp_path / "out" / "seg.h5", "--params", '{"segment": {"min_sise": 5}}')
-    assert_refused(result, "segment", ["--params: unknown key 'min_sise' in 'segment': check the spelling", "allowed keys:"], tmp_path / "out")
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ("{segment: 1}", ["--params is not valid JSON", "pass an object such as"]),
+        ("[1, 2]", ["--params must be a JSON object of config sections"]),
+        ('{"segment": {"min_sise": 5}}', ["--params: unknown key 'min_sise' in 'segment': check the spelling", "allowed keys:"]),
+    ],
+    ids=["not-json", "json-but-not-an-object", "typo-in-a-key"],
+)
+def test_bad_params_are_refused_in_one_line(tmp_path, params, words):
+    result = emmito("segment", "heat.h5", tmp_path / "out" / "seg.h5", "--params", params)
+    assert_refused(result, "segment", words, tmp_path / "out")
 
 
 def minimal_config(**sections) -> dict:
@@ -420,7 +446,8 @@ TINY_MODEL = {"filters": [4, 8], "patch": [4, 16, 16], "conv3d_from_level": 1, "
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A real one-iteration checkpoint of TINY_MODEL and a 12-slice image.h5."""
-    from emmito.train import save_checkpoint, train_model
+    from emmito.contract import save_checkpoint
+    from emmito.train import train_model
 
     folder = tmp_path_factory.mktemp("ckpt")
     rng = np.random.default_rng(3)
@@ -431,7 +458,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     params["train"]["threads"] = 1
     checkpoint, _ = train_model([(image, label)], [], params)
     save_checkpoint(folder / "checkpoint.pt", checkpoint)
-    io.write_volume(folder / "image.h5", image, voxel_size=[40, 8, 8])
+    contract.fixture(folder / "image.h5", "image", image)
     return {"checkpoint": folder / "checkpoint.pt", "image": folder / "image.h5"}
 
 
@@ -470,15 +497,14 @@ def test_chunk_index_out_of_range(tmp_path, trained, capfd):
 
 def test_volume_without_mitochondria_gives_an_empty_result(tmp_path, capfd):
     """Zero heat through segment, trace, upsample and evaluate: exit 0, empty ids, defined metrics."""
-    attrs = {**HEAT_ATTRS, "volume_depth": 12}
     params = json.dumps({"merge": {"block_slices": 8, "block_overlap": 2}})
     blocks = []
     for b, (start, stop) in enumerate([(0, 10), (8, 12)]):
-        heat = heat_block(tmp_path / f"heat_{b}.h5", np.zeros((1, stop - start, 16, 16), np.uint8), start, attrs)
+        heat = heat_block(tmp_path / f"heat_{b}.h5", np.zeros((1, stop - start, 16, 16), np.uint8), start)
         blocks.append(tmp_path / f"seg_{b}.h5")
         assert run_main(["segment", heat, blocks[-1]], capfd)[0] == 0
-    io.write_volume(tmp_path / "image.h5", np.zeros((12, 16, 16), np.uint8), voxel_size=[40, 8, 8])
-    io.write_volume(tmp_path / "label.h5", np.zeros((12, 16, 16), np.uint32), voxel_size=[40, 8, 8])
+    contract.fixture(tmp_path / "image.h5", "image", np.zeros((12, 16, 16)))
+    contract.fixture(tmp_path / "label.h5", "label", np.zeros((12, 16, 16)))
     steps = [
         ["trace", tmp_path / "seg_infer.h5", tmp_path / "trace.json", *blocks, "--params", params],
         ["upsample", tmp_path / "seg_infer.h5", tmp_path / "image.h5", tmp_path / "seg.h5"],
@@ -519,7 +545,7 @@ def test_disk_full_while_hdf5_writes(tmp_path, capfd):
 
 
 def test_disk_full_while_json_writes(tmp_path, capfd):
-    io.write_volume(tmp_path / "seg.h5", np.zeros((4, 8, 8), np.uint32), voxel_size=[40, 8, 8])
+    contract.fixture(tmp_path / "seg.h5", "label", np.zeros((4, 8, 8)))  # read as both segmentation and labels
     out = tmp_path / "out" / "metrics.json"
     _full_disk_at(out.with_name(f".metrics.json.tmp-{os.getpid()}"))
     status, err = run_main(["evaluate", tmp_path / "seg.h5", tmp_path / "seg.h5", out], capfd)

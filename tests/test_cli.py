@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tinyproject import EMMITO
 
-from emmito import io
+from emmito import contract, io
 
 
 def emmito(*args: str) -> subprocess.CompletedProcess:
@@ -31,8 +31,7 @@ def test_version():
 
 def test_segment_verb_writes_a_labelled_block(tmp_path):
     heat = blob_heat()
-    attrs = {"channels": ["foreground"], "volume_depth": heat.shape[0], "downsample_xy": 1}
-    io.write_volume(tmp_path / "heat.h5", heat[None], voxel_size=[40, 8, 8], offset=24, attrs=attrs)
+    contract.fixture(tmp_path / "heat.h5", "heat", heat[None], offset=24, volume_depth=heat.shape[0])
     result = emmito("segment", str(tmp_path / "heat.h5"), str(tmp_path / "seg.h5"), "--params", json.dumps({"segment": {"min_size": 50}}))
     assert result.returncode == 0, result.stderr
     seg, seg_attrs = io.read_volume(tmp_path / "seg.h5")
@@ -86,3 +85,65 @@ def test_sigterm_while_the_handler_is_being_set_is_caught(monkeypatch, capsys, t
     assert capsys.readouterr().err.strip() == "emmito segment: terminated (SIGTERM): no partial output was kept; rerun the job"
     assert not list(tmp_path.iterdir())
     assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated
+
+
+# ---- stage_config: the boundary where sections are validated, once ----------------------------
+
+
+def stage_args(argv: list[str]):
+    from emmito import cli
+
+    return cli.build_parser().parse_args(argv)
+
+
+def test_stage_config_fills_every_section_and_records_the_params_keys():
+    from emmito import cli
+
+    params = {"segment": {"min_size": 5}, "train": {"discriminative": {"support_voxels": 64}}, "emmito_version": "x"}
+    config = cli.stage_config(stage_args(["segment", "h.h5", "s.h5", "--params", json.dumps(params)]))
+    assert set(config) == set(cli.SECTIONS)  # complete: every section, no volumes, no version
+    assert config["segment"]["min_size"] == 5 and config["segment"]["seed_threshold"] == 150
+    assert config["train"]["discriminative"]["support_voxels"] == 64
+    assert config.explicit == {"segment", "segment.min_size", "train", "train.discriminative", "train.discriminative.support_voxels"}
+    assert json.loads(json.dumps(config)) == dict(config)
+
+
+def test_stage_config_without_parameters_is_all_defaults():
+    from emmito import cli, config
+
+    sections = cli.stage_config(stage_args(["segment", "h.h5", "s.h5"]))
+    assert sections["segment"] == config.section_defaults("segment") and sections.explicit == frozenset()
+
+
+def test_stage_config_takes_the_config_file_then_params_on_top(tmp_path):
+    from emmito import cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({
+        "volumes": {"v": {"images": "em/"}},
+        "segment": {"min_size": 7, "seed_threshold": 120},
+        "train": {"discriminative": {"gamma": 0.5}, "iterations": 3},
+    }))
+    params = {"segment": {"min_size": 9}, "train": {"discriminative": {"support_voxels": 64}}}
+    config = cli.stage_config(stage_args(["segment", "h.h5", "s.h5", "--config", str(path), "--params", json.dumps(params)]))
+    assert "volumes" not in config
+    assert config["segment"]["min_size"] == 9 and config["segment"]["seed_threshold"] == 120
+    assert {"segment.min_size", "segment.seed_threshold", "train.iterations"} <= config.explicit
+    # --params replaces train.discriminative whole (one level into a section): the file's gamma is gone
+    assert config["train"]["iterations"] == 3 and config["train"]["discriminative"]["gamma"] == 0.0001
+    assert "train.discriminative.gamma" not in config.explicit
+    assert "train.discriminative.support_voxels" in config.explicit
+    assert not any(key.startswith("volumes") for key in config.explicit)
+
+
+def test_every_verb_is_in_the_parser():
+    from emmito import cli
+
+    parser = cli.build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "verb").choices
+    assert list(verbs) == [
+        "synth", "convert", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export",
+        "view", "report", "summary",
+    ]
+    staged = [name for name, sub in verbs.items() if any(a.dest == "params" for a in sub._actions)]
+    assert staged == ["train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export"]

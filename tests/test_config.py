@@ -73,3 +73,89 @@ def test_load_roundtrip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal()))
     assert cfg.load(path)["model"]["norm"] == "group"
+
+
+# ---- what the user set, told from the defaults -----------------------------------------
+
+
+def test_explicit_keys_are_dotted_paths_at_every_depth():
+    raw = {"segment": {"min_size": 5}, "train": {"discriminative": {"support_voxels": 64}, "volumes": ["v"]}}
+    assert cfg.explicit_keys(raw) == {
+        "segment",
+        "segment.min_size",
+        "train",
+        "train.discriminative",
+        "train.discriminative.support_voxels",
+        "train.volumes",
+    }
+    assert cfg.explicit_keys({}) == frozenset()
+
+
+def test_validate_records_the_keys_set_before_defaults_are_filled():
+    config = minimal()
+    config["train"] = {"discriminative": {"support_voxels": 64}}
+    config["segment"] = {"min_size": 5}
+    validated = cfg.validate(config)
+    assert isinstance(validated, cfg.Validated) and isinstance(validated, dict)
+    # a user's value, and a default filled beside it
+    assert validated["segment"]["min_size"] == 5 and validated.is_explicit("segment.min_size")
+    assert validated["segment"]["seed_threshold"] == 150 and not validated.is_explicit("segment.seed_threshold")
+    assert validated["train"]["discriminative"]["support_voxels"] == 64
+    assert "train.discriminative.support_voxels" in validated.explicit
+    assert validated["train"]["discriminative"]["delta_var"] == 0.5
+    assert "train.discriminative.delta_var" not in validated.explicit
+    # a whole section of defaults is not the user's
+    assert validated["merge"]["block_slices"] == 200 and "merge" not in validated.explicit
+    assert "volumes.v.images" in validated.explicit and "volumes.v.label_format" not in validated.explicit
+
+
+def test_validated_config_serialises_and_copies_like_a_dict():
+    import copy
+    import json
+    import pickle
+
+    validated = cfg.validate(minimal())
+    assert json.loads(json.dumps(validated)) == dict(validated)
+    for twin in (copy.deepcopy(validated), pickle.loads(pickle.dumps(validated))):
+        assert twin == validated and twin.explicit == validated.explicit
+
+
+def test_load_records_what_the_file_sets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**minimal(), "infer": {"chunk_slices": 10}, "train": {"discriminative": {"gamma": 0.5}}}))
+    config = cfg.load(path)
+    assert config["infer"]["chunk_slices"] == 10 and "infer.chunk_slices" in config.explicit
+    assert config["infer"]["batch_size"] and "infer.batch_size" not in config.explicit
+    assert "train.discriminative.gamma" in config.explicit
+    assert "train.discriminative.support_voxels" not in config.explicit
+
+
+def test_validate_sections_needs_no_volumes_and_fills_every_section():
+    sections = cfg.validate_sections({"segment": {"min_size": 5}}, source="--params")
+    assert "volumes" not in sections
+    assert sections["segment"]["min_size"] == 5 and sections["merge"]["block_slices"] == 200
+    assert sections.explicit == {"segment", "segment.min_size"}
+    # the same messages as a whole config
+    with pytest.raises(EmmitoError, match=r"^--params: unknown key 'min_sise' in 'segment': check the spelling"):
+        cfg.validate_sections({"segment": {"min_sise": 5}}, source="--params")
+    with pytest.raises(EmmitoError, match=r"^--params: unknown key 'chunk_slices' in the top level"):
+        cfg.validate_sections({"chunk_slices": 20}, source="--params")
+    # the cross-key rules are the whole config's (validate), not the sections'
+    assert cfg.validate_sections({"merge": {"block_slices": 50}})["merge"]["block_slices"] == 50
+
+
+def test_revalidating_keeps_what_the_user_set():
+    """A benchmark edits a loaded config and validates it again: the user's keys are still the user's."""
+    validated = cfg.validate({**minimal(), "segment": {"min_size": 5}})
+    validated["infer"]["tta"] = 1
+    again = cfg.validate(validated)
+    assert again.explicit == validated.explicit and "infer.tta" not in again.explicit
+
+
+def test_model_paths_follow_the_results_layout():
+    from emmito import contract
+
+    assert cfg.model_dir({"model": {"name": "m1"}}) == contract.Results().model_dir("m1")
+    assert cfg.model_dir({}) == contract.Results().model_dir("model")
+    assert cfg.support_set_path({"model": {"name": "m1"}}) == contract.Results().support_set("m1")
+    assert cfg.support_set_path({"segment": {"support_set": "elsewhere.npz"}}) == "elsewhere.npz"

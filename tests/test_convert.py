@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from emmito import convert
+from emmito import contract, convert
 from emmito.convert import binary_to_instances, convert_stack, label_components
 from emmito.io import EmmitoError, list_slices, png_header, read_png_slice, read_volume
 
@@ -69,71 +69,99 @@ def test_last_run_of_digits_counts(tmp_path):
 
 
 @pytest.mark.bad_input
-def test_gap_in_slice_numbers_refused_naming_the_neighbours(tmp_path):
-    for z in (0, 1, 2, 4, 5):
-        grey(tmp_path / f"slice_{z:04d}.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(EmmitoError, match=r"slice number 3 is missing between slice_0002.png and slice_0004.png"):
-        list_slices(tmp_path)
-
-
-@pytest.mark.bad_input
-def test_duplicate_number_refused_naming_both(tmp_path):
-    grey(tmp_path / "s01.png", np.zeros((4, 4), np.uint8))
-    grey(tmp_path / "s1.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(EmmitoError, match=r"s01.png and s1.png both have slice number 1"):
-        list_slices(tmp_path)
-
-
-@pytest.mark.bad_input
-def test_name_without_number_and_nothing_matching_refused(tmp_path):
-    grey(tmp_path / "s1.png", np.zeros((4, 4), np.uint8))
-    grey(tmp_path / "overview.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(EmmitoError, match="overview.png has no number"):
-        list_slices(tmp_path)
-    with pytest.raises(EmmitoError, match="no .png files match"):
-        list_slices(str(tmp_path / "missing" / "*.png"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(EmmitoError, match="no .png files in it"):
-        list_slices(tmp_path / "empty")
+@pytest.mark.parametrize(
+    "names, pattern, match",
+    [
+        (
+            ["slice_0000.png", "slice_0001.png", "slice_0002.png", "slice_0004.png", "slice_0005.png"],
+            "",
+            r"slice number 3 is missing between slice_0002.png and slice_0004.png",
+        ),
+        (["s01.png", "s1.png"], "", r"s01.png and s1.png both have slice number 1"),
+        (["s1.png", "overview.png"], "", "overview.png has no number"),
+        (["s1.png", "overview.png"], "missing/*.png", "no .png files match"),
+        (["empty/"], "empty", "no .png files in it"),
+    ],
+    ids=["gap-names-the-neighbours", "duplicate-names-both", "name-without-number", "glob-matching-nothing", "empty-folder"],
+)
+def test_bad_slice_names_refused(tmp_path, names, pattern, match):
+    """``names`` are made in tmp_path (a trailing / makes a folder), then ``pattern`` under it is listed."""
+    for name in names:
+        if name.endswith("/"):
+            (tmp_path / name).mkdir()
+        else:
+            grey(tmp_path / name, np.zeros((4, 4), np.uint8))
+    where = tmp_path / pattern if pattern else tmp_path
+    with pytest.raises(EmmitoError, match=match):
+        list_slices(str(where) if "*" in pattern else where)
 
 
 # ---- read_png_slice ---------------------------------------------------------------------
 
 
-def test_palette_image_applies_the_palette_and_labels_read_by_index(tmp_path):
+def _palette_inverted_grey(tmp_path):
     indices = np.array([[0, 1], [2, 3]], np.uint8)
-    inverted_grey = [(255 - i, 255 - i, 255 - i) for i in range(256)]
-    image = read_png_slice(palette_png(tmp_path / "i.png", indices, inverted_grey), "image")
-    assert image.dtype == np.uint8 and image.tolist() == [[255, 254], [253, 252]]
-    # A mask whose index 1 is drawn red: read by index, it is 1, not a colour.
-    mask = read_png_slice(palette_png(tmp_path / "m.png", indices % 2, [(0, 0, 0), (255, 0, 0)]), "label_binary")
-    assert mask.dtype == np.uint8 and mask.tolist() == [[0, 1], [0, 1]]
-    ids = read_png_slice(palette_png(tmp_path / "ids.png", indices, [(9, 9, 9)] * 4), "label_instance")
-    assert ids.dtype == np.uint32 and ids.tolist() == [[0, 1], [2, 3]]
+    return palette_png(tmp_path / "i.png", indices, [(255 - i, 255 - i, 255 - i) for i in range(256)])
 
 
-@pytest.mark.bad_input
-def test_palette_with_colours_refused_as_image(tmp_path):
-    path = palette_png(tmp_path / "c.png", np.array([[0, 1]], np.uint8), [(0, 0, 0), (200, 10, 10)])
-    with pytest.raises(EmmitoError, match="colour"):
-        read_png_slice(path, "image")
+def _palette_red_mask(tmp_path):
+    """A mask whose index 1 is drawn red: read by index, it is 1, not a colour."""
+    return palette_png(tmp_path / "m.png", np.array([[0, 1], [0, 1]], np.uint8), [(0, 0, 0), (255, 0, 0)])
 
 
-def test_rgb_and_rgba_with_equal_channels_give_that_channel(tmp_path):
-    values = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    rgb = np.repeat(values[..., None], 3, axis=-1)
-    rgba = np.concatenate([rgb, np.full((3, 4, 1), 7, np.uint8)], axis=-1)
-    assert np.array_equal(read_png_slice(save(tmp_path / "rgb.png", Image.fromarray(rgb, "RGB")), "image"), values)
-    assert np.array_equal(read_png_slice(save(tmp_path / "rgba.png", Image.fromarray(rgba, "RGBA")), "image"), values)
+def _palette_ids(tmp_path):
+    return palette_png(tmp_path / "ids.png", np.array([[0, 1], [2, 3]], np.uint8), [(9, 9, 9)] * 4)
 
 
-@pytest.mark.bad_input
-def test_rgb_colour_image_refused(tmp_path):
-    rgb = np.zeros((3, 4, 3), np.uint8)
-    rgb[1, 2] = (10, 20, 30)
-    path = save(tmp_path / "colour.png", Image.fromarray(rgb, "RGB"))
-    with pytest.raises(EmmitoError, match=r"colour.png: is colour \(channels differ\): export it as greyscale"):
-        read_png_slice(path, "image")
+GREY_VALUES = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+BINARY_PATTERN = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)
+
+
+def _rgb_equal_channels(tmp_path):
+    return save(tmp_path / "rgb.png", Image.fromarray(np.repeat(GREY_VALUES[..., None], 3, axis=-1), "RGB"))
+
+
+def _rgba_equal_channels(tmp_path):
+    rgba = np.concatenate([np.repeat(GREY_VALUES[..., None], 3, axis=-1), np.full((3, 4, 1), 7, np.uint8)], axis=-1)
+    return save(tmp_path / "rgba.png", Image.fromarray(rgba, "RGBA"))
+
+
+def _vast_rgb(tmp_path):
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 1] = (1, 2, 3)
+    rgb[1, 0] = (0, 1, 0)
+    rgb[1, 1] = (255, 255, 255)
+    return save(tmp_path / "v.png", Image.fromarray(rgb, "RGB"))
+
+
+@pytest.mark.parametrize(
+    "make, kind, dtype, expected",
+    [
+        # palette PNGs: images get the palette applied, labels are read by index
+        (_palette_inverted_grey, "image", np.uint8, [[255, 254], [253, 252]]),
+        (_palette_red_mask, "label_binary", np.uint8, [[0, 1], [0, 1]]),
+        (_palette_ids, "label_instance", np.uint32, [[0, 1], [2, 3]]),
+        # RGB and RGBA with equal channels give that channel
+        (_rgb_equal_channels, "image", np.uint8, GREY_VALUES.tolist()),
+        (_rgba_equal_channels, "image", np.uint8, GREY_VALUES.tolist()),
+        # binary masks: 0/1, 0/255 and 1-bit
+        (lambda tmp_path: grey(tmp_path / "a.png", BINARY_PATTERN), "label_binary", np.uint8, BINARY_PATTERN.tolist()),
+        (lambda tmp_path: grey(tmp_path / "b.png", BINARY_PATTERN * 255), "label_binary", np.uint8, BINARY_PATTERN.tolist()),
+        (
+            lambda tmp_path: save(tmp_path / "c.png", Image.fromarray(BINARY_PATTERN.astype(bool))),
+            "label_binary", np.uint8, BINARY_PATTERN.tolist(),
+        ),
+        # VAST: id = R*65536 + G*256 + B
+        (_vast_rgb, "label_vast", np.uint32, [[0, 66051], [256, 2**24 - 1]]),
+    ],
+    ids=[
+        "palette-image", "palette-mask-by-index", "palette-ids-by-index", "rgb-equal-channels", "rgba-equal-channels",
+        "binary-0-1", "binary-0-255", "binary-1-bit", "vast-rgb",
+    ],
+)
+def test_png_slices_read_as_their_kind(tmp_path, make, kind, dtype, expected):
+    pixels = read_png_slice(make(tmp_path), kind)
+    assert pixels.dtype == dtype and pixels.tolist() == expected
 
 
 def test_16_bit_grey_scaled_by_shifting(tmp_path):
@@ -145,44 +173,51 @@ def test_16_bit_grey_scaled_by_shifting(tmp_path):
     assert read_png_slice(path, "label_instance").tolist() == values.astype(np.uint32).tolist()
 
 
-def test_binary_masks_zero_one_and_zero_255(tmp_path):
-    pattern = np.array([[0, 1, 1], [0, 0, 1]], np.uint8)
-    assert read_png_slice(grey(tmp_path / "a.png", pattern), "label_binary").tolist() == pattern.tolist()
-    assert read_png_slice(grey(tmp_path / "b.png", pattern * 255), "label_binary").tolist() == pattern.tolist()
-    one_bit = save(tmp_path / "c.png", Image.fromarray(pattern.astype(bool)))
-    assert read_png_slice(one_bit, "label_binary").tolist() == pattern.tolist()
+def _rgb_colour(tmp_path):
+    rgb = np.zeros((3, 4, 3), np.uint8)
+    rgb[1, 2] = (10, 20, 30)
+    return save(tmp_path / "colour.png", Image.fromarray(rgb, "RGB"))
 
 
-@pytest.mark.bad_input
-def test_binary_mask_with_stray_values_refused_with_the_values(tmp_path):
-    path = grey(tmp_path / "aa.png", np.array([[0, 255, 128], [3, 255, 0]], np.uint8))
-    with pytest.raises(EmmitoError, match=r"aa.png: binary mask .* other than 0/1/255: 3, 128"):
-        read_png_slice(path, "label_binary")
-
-
-def test_vast_rgb_decoding_and_grey_refused(tmp_path):
-    rgb = np.zeros((2, 2, 3), np.uint8)
-    rgb[0, 1] = (1, 2, 3)
-    rgb[1, 0] = (0, 1, 0)
-    rgb[1, 1] = (255, 255, 255)
-    ids = read_png_slice(save(tmp_path / "v.png", Image.fromarray(rgb, "RGB")), "label_vast")
-    assert ids.dtype == np.uint32 and ids.tolist() == [[0, 66051], [256, 2**24 - 1]]
-    with pytest.raises(EmmitoError, match="use label_format instance"):
-        read_png_slice(grey(tmp_path / "g.png", np.zeros((2, 2), np.uint8)), "label_vast")
-    with pytest.raises(EmmitoError, match="use label_format vast"):
-        read_png_slice(tmp_path / "v.png", "label_instance")
-
-
-@pytest.mark.bad_input
-def test_truncated_or_fake_png_refused(tmp_path):
+def _cut_png(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
     full = grey(tmp_path / "full.png", noise).read_bytes()
     (tmp_path / "cut.png").write_bytes(full[: len(full) // 2])
-    with pytest.raises(EmmitoError, match=r"cut.png: not a readable PNG .*: re-export it"):
-        read_png_slice(tmp_path / "cut.png", "image")
+    return tmp_path / "cut.png"
+
+
+def _jpeg_named_png(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "jpeg.png", format="JPEG")
-    with pytest.raises(EmmitoError, match=r"jpeg.png: not a readable PNG"):
-        read_png_slice(tmp_path / "jpeg.png", "image")
+    return tmp_path / "jpeg.png"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "make, kind, match",
+    [
+        (
+            lambda tmp_path: palette_png(tmp_path / "c.png", np.array([[0, 1]], np.uint8), [(0, 0, 0), (200, 10, 10)]),
+            "image", "colour",
+        ),
+        (_rgb_colour, "image", r"colour.png: is colour \(channels differ\): export it as greyscale"),
+        (
+            lambda tmp_path: grey(tmp_path / "aa.png", np.array([[0, 255, 128], [3, 255, 0]], np.uint8)),
+            "label_binary", r"aa.png: binary mask .* other than 0/1/255: 3, 128",
+        ),
+        (lambda tmp_path: grey(tmp_path / "g.png", np.zeros((2, 2), np.uint8)), "label_vast", "use label_format instance"),
+        (_vast_rgb, "label_instance", "use label_format vast"),
+        (_cut_png, "image", r"cut.png: not a readable PNG .*: re-export it"),
+        (_jpeg_named_png, "image", r"jpeg.png: not a readable PNG"),
+    ],
+    ids=[
+        "palette-with-colours-as-image", "rgb-colour-as-image", "binary-mask-with-stray-values", "grey-as-vast",
+        "rgb-as-instance", "truncated-png", "jpeg-named-png",
+    ],
+)
+def test_png_slices_not_fitting_their_kind_refused(tmp_path, make, kind, match):
+    with pytest.raises(EmmitoError, match=match):
+        read_png_slice(make(tmp_path), kind)
 
 
 # ---- connected components -----------------------------------------------------------------
@@ -237,7 +272,7 @@ def test_binary_label_stack_becomes_cc_instances_on_disk(tmp_path, monkeypatch):
     assert ids.dtype == np.uint32 and np.array_equal(ids, expected)
     assert summary["objects"] == expected.max()
     assert image.dtype == np.uint8 and np.array_equal(image, (mask * 90 + 40).astype(np.uint8))
-    assert attrs["voxel_size"] == [40.0, 6.0, 6.0] and attrs["offset"] == 0
+    assert attrs[contract.VOXEL_SIZE] == [40.0, 6.0, 6.0] and attrs[contract.OFFSET] == 0
 
 
 def test_instance_ids_kept_as_they_are(tmp_path):
@@ -253,27 +288,40 @@ def test_instance_ids_kept_as_they_are(tmp_path):
     assert not (tmp_path / "image.h5").exists()
 
 
-@pytest.mark.bad_input
-def test_mixed_slice_sizes_refused(tmp_path):
+def _mixed_image_sizes(tmp_path):
     images = stack(tmp_path / "images", np.zeros((3, 8, 10), np.uint8))
     grey(images[1], np.zeros((8, 9), np.uint8))
-    with pytest.raises(
-        EmmitoError,
-        match=r"image slice 001 \(.*slice_001.png\) is 9x8 \(width x height\), the others are 10x8: crop or pad it",
-    ):
-        convert_stack(images, voxel_size=(40, 8, 8), image_out=tmp_path / "image.h5")
-    assert not (tmp_path / "image.h5").exists()
+    return {"image_paths": images, "voxel_size": (40, 8, 8), "image_out": tmp_path / "image.h5"}
+
+
+def _too_few_labels(tmp_path):
+    images = stack(tmp_path / "images", np.zeros((3, 8, 8), np.uint8))
+    too_few = stack(tmp_path / "few", np.zeros((2, 8, 8), np.uint8))
+    return {"image_paths": images, "voxel_size": (1, 1, 1), "label_paths": too_few, "label_out": tmp_path / "l.h5"}
+
+
+def _labels_of_another_size(tmp_path):
+    images = stack(tmp_path / "images", np.zeros((3, 8, 8), np.uint8))
+    wrong_size = stack(tmp_path / "wide", np.zeros((3, 8, 9), np.uint8))
+    return {"image_paths": images, "voxel_size": (1, 1, 1), "label_paths": wrong_size, "label_out": tmp_path / "l.h5"}
 
 
 @pytest.mark.bad_input
-def test_label_count_or_size_not_matching_images_refused(tmp_path):
-    images = stack(tmp_path / "images", np.zeros((3, 8, 8), np.uint8))
-    too_few = stack(tmp_path / "few", np.zeros((2, 8, 8), np.uint8))
-    with pytest.raises(EmmitoError, match=r"2 label slices .* but 3 image slices"):
-        convert_stack(images, voxel_size=(1, 1, 1), label_paths=too_few, label_out=tmp_path / "l.h5")
-    wrong_size = stack(tmp_path / "wide", np.zeros((3, 8, 9), np.uint8))
-    with pytest.raises(EmmitoError, match=r"label slices .* are 9x8 but image slices .* are 8x8"):
-        convert_stack(images, voxel_size=(1, 1, 1), label_paths=wrong_size, label_out=tmp_path / "l.h5")
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (_mixed_image_sizes, r"image slice 001 \(.*slice_001.png\) is 9x8 \(width x height\), the others are 10x8: crop or pad it"),
+        (_too_few_labels, r"2 label slices .* but 3 image slices"),
+        (_labels_of_another_size, r"label slices .* are 9x8 but image slices .* are 8x8"),
+    ],
+    ids=["mixed-slice-sizes", "label-count-not-matching-images", "label-size-not-matching-images"],
+)
+def test_slices_that_do_not_fit_together_refused(tmp_path, make, match):
+    """Checked from the PNG headers, before anything is written."""
+    arguments = make(tmp_path)
+    with pytest.raises(EmmitoError, match=match):
+        convert_stack(arguments.pop("image_paths"), **arguments)
+    assert not (tmp_path / "image.h5").exists() and not (tmp_path / "l.h5").exists()
 
 
 @pytest.mark.bad_input
@@ -306,7 +354,7 @@ def test_cli_converts_and_reports_mistakes_in_one_line(tmp_path):
     ok = run_convert("--images", str(tmp_path / "images"), "--voxel-size", "30", "5", "5", "--image-out", str(tmp_path / "image.h5"))
     assert ok.returncode == 0, ok.stderr
     image, attrs = read_volume(tmp_path / "image.h5")
-    assert image.shape == (2, 6, 6) and attrs["voxel_size"] == [30.0, 5.0, 5.0]
+    assert image.shape == (2, 6, 6) and attrs[contract.VOXEL_SIZE] == [30.0, 5.0, 5.0]
     # Labels alone, as the workflow's convert_labels rule runs it.
     masks = np.zeros((2, 6, 6), np.uint8)
     masks[:, 1:3, 1:3] = 255

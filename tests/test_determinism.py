@@ -19,6 +19,7 @@ import torch
 
 from emmito import io
 from emmito.cli import main
+from emmito.contract import fixture
 
 MODEL = {"filters": [4, 8], "patch": [4, 16, 16], "conv3d_from_level": 1, "pool_z_from_level": 1}
 TRAIN = {"iterations": 3, "batch_size": 2, "val_every": 2, "warmup_iterations": 1, "threads": 1}
@@ -35,7 +36,7 @@ def volume(tmp_path_factory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     image = np.clip(120 + 80 * (label > 0) + rng.normal(0, 20, label.shape), 0, 255).astype(np.uint8)
     for name, data in (("image", image), ("label", label)):
-        io.write_volume(folder / f"{name}.h5", data, voxel_size=[40, 8, 8])
+        fixture(folder / f"{name}.h5", name, data, voxel_size=[40, 8, 8])
     return {"image": folder / "image.h5", "label": folder / "label.h5"}
 
 
@@ -104,8 +105,7 @@ def heat_of_blobs() -> np.ndarray:
 
 def test_segmentation_is_byte_identical_for_any_thread_count(tmp_path):
     heat = tmp_path / "heat.h5"
-    attrs = {"channels": ["foreground"], "volume_depth": 12, "downsample_xy": 1}
-    io.write_volume(heat, heat_of_blobs(), voxel_size=[40, 8, 8], attrs=attrs)
+    fixture(heat, "heat", heat_of_blobs(), voxel_size=[40, 8, 8], channels=["foreground"], volume_depth=12, downsample_xy=1)
     outs = []
     for threads in (1, 2, 1):
         outs.append(tmp_path / f"t{threads}-{len(outs)}" / "seg.h5")

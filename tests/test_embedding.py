@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from emmito import cli
-from emmito.embedding import (
-    build_support_set,
-    discriminative_loss,
-    embedding_channel_names,
-    embedding_cluster,
-    embeddings_to_heat,
-    heat_to_embeddings,
-    load_support_set,
-    mean_shift_modes,
-    nearest_neighbour_classify,
-    nearest_neighbour_features,
-    save_support_set,
-)
-from emmito.io import read_volume, write_volume
-from emmito.segment import decode
+from emmito import cli, contract
+from emmito.config import section_defaults
+from emmito.contract import load_support_set, save_support_set
+from emmito.decoders import decode, mean_shift_modes, nearest_neighbour_classify, nearest_neighbour_features
+from emmito.embedding import build_support_set, embedding_channel_names, embeddings_to_heat, heat_to_embeddings
+from emmito.io import read_volume
+from emmito.losses import discriminative_loss
 
 # ---- discriminative loss -------------------------------------------------------------
 
@@ -115,6 +106,18 @@ def touching_boxes(seed: int = 0, noise: float = 0.15) -> tuple[np.ndarray, np.n
 SMALL = {"embedding_min_size": 10, "embedding_sample": 500}
 
 
+def embedding_cluster(embeddings: np.ndarray, foreground: np.ndarray, params: dict) -> np.ndarray:
+    """The embedding_cluster decoder through ``decode``, on embeddings float32 (E, z, y, x) inside ``foreground`` bool.
+
+    The embeddings go in as a heat file holds them (uint8, the default
+    embedding range), the foreground as a 255/0 channel above the default
+    ``embedding_foreground``; ``params`` completes the schema defaults.
+    """
+    channels = {"foreground": np.where(foreground, 255, 0).astype(np.uint8)}
+    channels |= {name: embeddings_to_heat(embeddings[i]) for i, name in enumerate(embedding_channel_names(len(embeddings)))}
+    return decode(channels, {**section_defaults("segment"), **params, "decoder": "embedding_cluster"})
+
+
 def test_clustering_separates_two_touching_instances():
     emb, foreground, truth = touching_boxes()
     labels = embedding_cluster(emb, foreground, SMALL)
@@ -162,27 +165,27 @@ def test_mean_shift_finds_three_modes_densest_first():
 
 
 def test_a_cluster_no_start_reaches_is_found_by_the_next_round(monkeypatch):
-    from emmito import embedding
+    from emmito import decoders
 
     rng = np.random.default_rng(2)
     big = rng.normal(0, 0.1, (500, 2)).astype(np.float32)
     small = (np.array([5.0, 5.0]) + rng.normal(0, 0.1, (40, 2))).astype(np.float32)
     points = np.concatenate([big, small])
-    monkeypatch.setattr(embedding, "MEAN_SHIFT_STARTS", 1)  # one start, in the big cluster
-    assert len(embedding.mean_shift_modes(points, 1.0)) == 1
-    clusters = embedding.cluster_features(points, 1.0, sample=1000, min_points=10)
+    monkeypatch.setattr(decoders, "MEAN_SHIFT_STARTS", 1)  # one start, in the big cluster
+    assert len(decoders.mean_shift_modes(points, 1.0)) == 1
+    clusters = decoders.cluster_features(points, 1.0, sample=1000, min_points=10)
     assert len(np.unique(clusters[:500])) == 1 and len(np.unique(clusters[500:])) == 1
     assert clusters[0] != clusters[-1]
     # Without a second round the stray points join the nearest mode.
-    monkeypatch.setattr(embedding, "MEAN_SHIFT_ROUNDS", 1)
-    assert len(np.unique(embedding.cluster_features(points, 1.0, sample=1000))) == 1
+    monkeypatch.setattr(decoders, "MEAN_SHIFT_ROUNDS", 1)
+    assert len(np.unique(decoders.cluster_features(points, 1.0, sample=1000))) == 1
 
 
 def test_decode_reads_embedding_channels_from_uint8_heat():
     emb, foreground, truth = touching_boxes()
     channels = {"foreground": np.where(foreground, 240, 5).astype(np.uint8)}
     channels |= {name: embeddings_to_heat(emb[i]) for i, name in enumerate(embedding_channel_names(3))}
-    labels = decode(channels, {**SMALL, "decoder": "embedding_cluster"})
+    labels = decode(channels, {**section_defaults("segment"), **SMALL, "decoder": "embedding_cluster"})
     assert labels.max() == 2 and np.array_equal(labels > 0, truth > 0)
 
 
@@ -195,7 +198,7 @@ def test_heat_quantisation_round_trip_within_one_step():
 
 
 def test_heat_logits_wrapper_stores_embeddings_as_their_heat():
-    from emmito.infer import to_heat
+    from emmito.prediction import to_heat
     from emmito.model import ProbabilityLogits
 
     class Fixed(torch.nn.Module):
@@ -281,9 +284,8 @@ def test_support_set_file_round_trip_and_missing_file(tmp_path):
 
 def write_embedding_heat(path, emb, foreground) -> None:
     heat = np.stack([np.where(foreground, 240, 5).astype(np.uint8)] + [embeddings_to_heat(e, 4.0) for e in emb])
-    attrs = {"channels": ["foreground", *embedding_channel_names(len(emb))], "volume_depth": 6,
-             "downsample_xy": 1, "embedding_range": 4.0}
-    write_volume(path, heat, voxel_size=[40, 8, 8], offset=0, attrs=attrs)
+    contract.fixture(path, "heat", heat, voxel_size=[40, 8, 8], volume_depth=6,
+                     channels=["foreground", *embedding_channel_names(len(emb))], embedding_range=4.0)
 
 
 def test_cli_embedding_cluster_and_nearest_neighbour(tmp_path):
@@ -314,8 +316,7 @@ def test_cli_embedding_cluster_and_nearest_neighbour(tmp_path):
 @pytest.mark.bad_input
 def test_cli_embedding_decoder_without_embeddings_or_support_says_what_to_do(tmp_path, capsys):
     heat_path = tmp_path / "block_0.h5"
-    write_volume(heat_path, np.zeros((1, 4, 8, 8), np.uint8), voxel_size=[1, 1, 1],
-                 attrs={"channels": ["foreground"], "volume_depth": 4, "downsample_xy": 1})
+    contract.fixture(heat_path, "heat", np.zeros((1, 4, 8, 8), np.uint8), voxel_size=[1, 1, 1])
     params = '{"segment": {"decoder": "embedding_cluster"}}'
     assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5"), "--params", params]) == 2
     assert "emb0" in capsys.readouterr().err

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from emmito import cli
-from emmito.evaluate import count_matches, evaluate_arrays, evaluate_files
-from emmito.io import read_json, write_volume
+from emmito.contract import fixture
+from emmito.evaluate import evaluate_files
+from emmito.io import read_json
+from emmito.metrics import count_matches, evaluate_arrays
 
 
 def two_cubes() -> np.ndarray:
@@ -108,8 +110,8 @@ def test_streaming_equals_in_memory(tmp_path):
         shift = rng.integers(-1, 2, size=3)
         z, y, x = np.clip([z, y, x] + shift, 0, None)
         seg[z : z + dz, y : y + dy, x : x + dx] = 20 + i
-    write_volume(tmp_path / "seg.h5", seg, voxel_size=[40, 8, 8])
-    write_volume(tmp_path / "label.h5", gt, voxel_size=[40, 8, 8])
+    fixture(tmp_path / "seg.h5", "seg", seg, voxel_size=[40, 8, 8])
+    fixture(tmp_path / "label.h5", "label", gt, voxel_size=[40, 8, 8])
     in_memory = evaluate_arrays(seg, gt, 0.6)
     assert evaluate_files(tmp_path / "seg.h5", tmp_path / "label.h5", 0.6, slab_slices=3) == in_memory
     assert 0 < in_memory["instance_f1"] < 1  # a case that can tell them apart
@@ -125,15 +127,15 @@ def test_streaming_equals_in_memory(tmp_path):
 
 @pytest.mark.bad_input
 def test_shape_mismatch_is_one_line(tmp_path, capsys):
-    write_volume(tmp_path / "seg.h5", np.zeros((3, 8, 8), np.uint32), voxel_size=[40, 8, 8])
-    write_volume(tmp_path / "label.h5", np.zeros((3, 8, 9), np.uint32), voxel_size=[40, 8, 8])
+    fixture(tmp_path / "seg.h5", "seg", np.zeros((3, 8, 8), np.uint32), voxel_size=[40, 8, 8])
+    fixture(tmp_path / "label.h5", "label", np.zeros((3, 8, 9), np.uint32), voxel_size=[40, 8, 8])
     assert cli.main(["evaluate", str(tmp_path / "seg.h5"), str(tmp_path / "label.h5"), str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err
     assert "seg.h5" in err and "label.h5" in err and err.count("\n") == 1
 
 
 def test_instance_f1_matches_evaluate_arrays():
-    from emmito.evaluate import evaluate_arrays, instance_f1
+    from emmito.metrics import evaluate_arrays, instance_f1
 
     gt = np.zeros((4, 10, 10), np.uint32)
     seg = np.zeros_like(gt)

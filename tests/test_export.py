@@ -12,10 +12,10 @@ import hdf5plugin  # noqa: F401  (registers the Blosc filter)
 import numpy as np
 import pytest
 
-from emmito import config
-from emmito.export import ObjectStatistics, export_files, mean_downsample, scale_shapes, sharding_spec
-from emmito.io import EmmitoError, write_volume
-from emmito.upsample import downsample_mode
+from emmito import config, contract
+from emmito.export import ObjectStatistics, export_files, scale_shapes, sharding_spec
+from emmito.io import EmmitoError
+from emmito.resampling import downsample_mode, mean_downsample
 
 ts = pytest.importorskip("tensorstore")
 
@@ -36,10 +36,10 @@ def volume(tmp_path_factory):
     seg[2:10, 5:30, 10:50] = 3
     seg[5:18, 40:66, 60:85] = 7
     seg[0:2, 0:3, 0:3] = 100_000  # a large id in a corner
-    write_volume(folder / "image.h5", image, voxel_size=VOXEL_SIZE)
-    write_volume(folder / "seg.h5", seg, voxel_size=VOXEL_SIZE)
+    contract.fixture(folder / "image.h5", "image", image, voxel_size=VOXEL_SIZE)
+    contract.fixture(folder / "seg.h5", "seg", seg, voxel_size=VOXEL_SIZE)
     with h5py.File(folder / "seg.h5", "a") as f:
-        f.create_dataset("s1", data=downsample_mode(seg))
+        f.create_dataset(contract.level_name(1), data=downsample_mode(seg))
     return folder, image, seg
 
 
@@ -135,7 +135,7 @@ def test_same_inputs_same_bytes_and_rerun_replaces(volume, tmp_path):
 @pytest.mark.bad_input
 def test_shape_mismatch_is_one_line_error_and_leaves_nothing(volume, tmp_path):
     folder, image, _ = volume
-    write_volume(tmp_path / "small.h5", np.zeros((20, 35, 45), np.uint32), voxel_size=VOXEL_SIZE)
+    contract.fixture(tmp_path / "small.h5", "seg", np.zeros((20, 35, 45), np.uint32), voxel_size=VOXEL_SIZE)
     with pytest.raises(EmmitoError, match=r"small.h5 is \(20, 35, 45\) but .*image.h5 is \(20, 70, 90\)"):
         export_files(tmp_path / "small.h5", folder / "image.h5", tmp_path / "ng", small_params())
     assert not (tmp_path / "ng").exists()

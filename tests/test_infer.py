@@ -14,24 +14,21 @@ import torch
 
 from emmito import __version__, io
 from emmito.config import section_defaults
-from emmito.infer import (
-    AlignedWriter,
+from emmito.contract import fixture, save_checkpoint
+from emmito.infer import AlignedWriter, infer_chunk, run_cli
+from emmito.io import EmmitoError
+from emmito.model import build_model, load_checkpoint
+from emmito.prediction import (
     chunk_z_starts,
-    infer_chunk,
-    load_checkpoint,
-    mean_pool_xy,
     predict_slices,
     predict_tiles,
     reflect_index,
-    run_cli,
     to_heat,
     tta_variants,
     window_starts,
     window_stride,
 )
-from emmito.io import EmmitoError
-from emmito.model import build_model
-from emmito.train import save_checkpoint
+from emmito.resampling import mean_pool_xy
 
 TINY = dict(filters=[2, 4], conv3d_from_level=0, pool_z_from_level=0, patch=[4, 8, 8])
 
@@ -302,7 +299,7 @@ def test_mean_pool_xy_averages_blocks_and_edge_remainders():
 
 def write_fixture(tmp_path, shape=(6, 20, 24)) -> tuple:
     image = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    io.write_volume(tmp_path / "image.h5", image, voxel_size=[40, 8, 8])
+    fixture(tmp_path / "image.h5", "image", image, voxel_size=[40, 8, 8])
     model = tiny_model()
     save_checkpoint(
         tmp_path / "ckpt.pt",

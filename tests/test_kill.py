@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from tinyproject import EMMITO
 
-from emmito import io
+from emmito import contract, io
 
 pytestmark = pytest.mark.slow
 
@@ -188,12 +188,11 @@ def reference(tmp_path_factory, server) -> dict:
     # merge, segment and trace get the heat of a good network, so that they work on real objects.
     labels, _ = io.read_volume(ref / "label.h5")
     heat = heat_from_labels(labels)
-    attrs = {"channels": ["foreground"], "volume_depth": DEPTH, "downsample_xy": 1}
     for c in range(DEPTH // 4):
-        io.write_volume(ref / "good" / f"chunk_{c}.h5", heat[None, 4 * c : 4 * c + 4], voxel_size=[40, 8, 8], offset=4 * c, attrs=attrs)
+        contract.fixture(ref / "good" / f"chunk_{c}.h5", "heat", heat[None, 4 * c : 4 * c + 4], offset=4 * c, volume_depth=DEPTH)
     for b in (0, 1):
         start, stop = 8 * b, min(8 * b + 10, DEPTH)
-        io.write_volume(ref / f"heat_block_{b}.h5", heat[None, start:stop], voxel_size=[40, 8, 8], offset=start, attrs=attrs)
+        contract.fixture(ref / f"heat_block_{b}.h5", "heat", heat[None, start:stop], offset=start, volume_depth=DEPTH)
     for stage in ("merge", "segment"):
         status, durations[stage] = server.run(commands[stage][0])
         assert status == 0, f"{stage} failed"

@@ -1,4 +1,4 @@
-"""Losses on small tensors: balanced BCE, Dice, MSE, and the OHEM definitions (kept count, threshold)."""
+"""Losses on small tensors: balanced BCE, Dice, MSE, the OHEM definitions (kept count, threshold), the training loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from emmito.config import section_defaults
-from emmito.losses import dice_loss, kept_count, ohem_bce, ohem_mse, ohem_threshold, target_loss, weighted_bce
+from emmito.losses import (
+    TrainingLoss,
+    discriminative_loss,
+    dice_loss,
+    kept_count,
+    ohem_bce,
+    ohem_mse,
+    ohem_threshold,
+    target_loss,
+    weighted_bce,
+)
 
 
 def test_class_balanced_bce_weighs_each_class_half():
@@ -67,3 +77,26 @@ def test_target_loss_combines_weights_per_target():
     cfg = {**cfg, "loss_weights": {**cfg["loss_weights"], "skeleton_distance": {"mse": 2.0}}}
     skeleton = torch.full((1, 1, 1, 2, 2), 0.5)
     assert target_loss(torch.zeros(1, 1, 1, 2, 2), skeleton, "skeleton_distance", cfg).item() == pytest.approx(2 * 0.25)
+
+
+def test_training_loss_adds_deep_supervision_and_the_discriminative_terms():
+    cfg = {**section_defaults("train"), "aux_loss_weight": 0.25}
+    torch.manual_seed(0)
+    logits, aux = torch.randn(2, 1, 2, 4, 4), [torch.randn(2, 1, 2, 4, 4)]
+    target = (torch.rand(2, 1, 2, 4, 4) > 0.5).float()
+    parts = TrainingLoss("binary", cfg)(logits, aux, target)
+    expected = target_loss(logits, target, "binary", cfg) + 0.25 * target_loss(aux[0], target, "binary", cfg)
+    assert torch.equal(parts.loss, expected) and parts.terms == {} and parts.logits is logits
+    # An embedding head: the last 3 output channels are the embedding, the last target channel the instance ids.
+    embedding = torch.randn(2, 3, 2, 4, 4)
+    ids = torch.randint(0, 3, (2, 1, 2, 4, 4)).float()
+    weights = cfg["discriminative"]
+    parts = TrainingLoss("binary", cfg, 3)(torch.cat([logits, embedding], 1), [torch.cat([aux[0], embedding], 1)], torch.cat([target, ids], 1))
+    pull_push, terms = discriminative_loss(
+        embedding, ids[:, 0].long(), weights["delta_var"], weights["delta_dist"], weights["gamma"], background=weights["background_cluster"]
+    )
+    target_part = weights["target_weight"] * target_loss(logits, target, "binary", cfg)
+    target_part = target_part + weights["target_weight"] * 0.25 * target_loss(aux[0], target, "binary", cfg)
+    assert torch.equal(parts.loss, target_part + weights["weight"] * pull_push)
+    assert set(parts.terms) == {"var", "dist", "reg"} and torch.equal(parts.target, target)
+    assert parts.logits.shape[1] == 1 and parts.aux[0].shape[1] == 1

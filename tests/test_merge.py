@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emmito import blocks, cli
-from emmito.io import EmmitoError, read_volume, write_volume
-from emmito.merge import plan_copies
+from emmito import blocks, cli, contract
+from emmito.blocks import Layout
+from emmito.io import EmmitoError, read_volume
+from emmito.merge import merge_block, plan_copies
 
 DEPTH, CHUNK, BLOCK, OVERLAP = 22, 4, 8, 3
 PARAMS = f'{{"infer": {{"chunk_slices": {CHUNK}}}, "merge": {{"block_slices": {BLOCK}, "block_overlap": {OVERLAP}}}}}'
@@ -26,8 +27,10 @@ def chunk_paths(tmp_path, heat_volume) -> list:
     for c in range(blocks.count(DEPTH, CHUNK)):
         start, stop = blocks.chunk_range(c, CHUNK, DEPTH)
         path = tmp_path / "heat" / f"chunk_{c}.h5"
-        attrs = {"channels": ["foreground", "other"], "volume_depth": DEPTH, "downsample_xy": 2, "model": "m1"}
-        write_volume(path, heat_volume[:, start:stop], voxel_size=[40, 16, 16], offset=start, attrs=attrs)
+        contract.fixture(
+            path, "heat", heat_volume[:, start:stop], voxel_size=[40, 16, 16], offset=start, volume_depth=DEPTH,
+            downsample_xy=2, channels=["foreground", "other"], attrs={"model": "m1"},
+        )
         paths.append(path)
     return paths
 
@@ -73,6 +76,24 @@ def test_extra_chunk_is_named(tmp_path, chunk_paths, capsys):
     assert merge(tmp_path / "block_0.h5", chosen, 0) == 2
     err = capsys.readouterr().err
     assert "chunk_5.h5" in err and "outside" in err
+
+
+def test_merge_block_takes_the_depth_from_the_chunks(tmp_path, heat_volume, chunk_paths):
+    layout = Layout(depth=0, chunk_slices=CHUNK, block_slices=BLOCK, block_overlap=OVERLAP)
+    chosen = [chunk_paths[c] for c in layout.with_depth(DEPTH).chunks_of_block(2)]
+    merge_block(tmp_path / "block_2.h5", chosen, 2, layout)
+    data, attrs = read_volume(tmp_path / "block_2.h5")
+    assert attrs["offset"] == 16 and np.array_equal(data, heat_volume[:, 16:DEPTH])
+
+
+@pytest.mark.bad_input
+def test_chunks_of_different_runs_are_refused(tmp_path, heat_volume, chunk_paths):
+    contract.fixture(
+        chunk_paths[1], "heat", heat_volume[:, 4:8], voxel_size=[40, 16, 16], offset=4, volume_depth=DEPTH,
+        downsample_xy=2, channels=["foreground", "other"], embedding_range=8.0,
+    )
+    with pytest.raises(EmmitoError, match="attribute embedding_range"):
+        merge_block(tmp_path / "block_0.h5", chunk_paths[:3], 0, Layout(DEPTH, CHUNK, BLOCK, OVERLAP))
 
 
 def test_plan_copies_refuses_duplicates_and_slices_partial_chunks():

@@ -79,7 +79,7 @@ def test_deep_supervision_heads_are_trained_outputs_that_inference_ignores():
 
 def test_embedding_head_adds_channels_and_heat_model_maps_them_to_heat():
     from emmito.embedding import embeddings_to_heat
-    from emmito.infer import to_heat
+    from emmito.prediction import to_heat
     from emmito.model import heat_model, output_channels
 
     torch.manual_seed(0)

@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
-from emmito import report  # noqa: E402
-from emmito.evaluate import F1_IOU_THRESHOLDS  # noqa: E402
-from emmito.io import EmmitoError, write_json, write_volume  # noqa: E402
-from emmito.upsample import downsample_mode  # noqa: E402
+from emmito import contract, report  # noqa: E402
+from emmito.io import EmmitoError, write_json  # noqa: E402
+from emmito.metrics import F1_IOU_THRESHOLDS  # noqa: E402
+from emmito.resampling import downsample_mode  # noqa: E402
 
 METRICS = {
     "voxel_precision": 0.91, "voxel_recall": 0.85, "voxel_iou": 0.78, "voxel_dice": 0.88,
@@ -54,11 +54,11 @@ def volume(tmp_path_factory):
     seg = np.zeros(image.shape, np.uint32)
     seg[2:6, 4:20, 4:20] = 1
     seg[5:10, 24:44, 10:36] = 2
-    write_volume(folder / "image.h5", image, voxel_size=[40, 8, 8])
-    write_volume(folder / "seg.h5", seg, voxel_size=[40, 8, 8])
+    contract.fixture(folder / "image.h5", "image", image, voxel_size=[40, 8, 8])
+    contract.fixture(folder / "seg.h5", "seg", seg, voxel_size=[40, 8, 8])
     with h5py.File(folder / "seg.h5", "a") as f:
-        f.create_dataset("s1", data=downsample_mode(seg))
-        f.create_dataset("s2", data=downsample_mode(downsample_mode(seg)))
+        f.create_dataset(contract.level_name(1), data=downsample_mode(seg))
+        f.create_dataset(contract.level_name(2), data=downsample_mode(downsample_mode(seg)))
     objects = {
         "1": {"voxels": 1024, "bbox": [2, 4, 4, 6, 20, 20], "blocks": [0]},
         "2": {"voxels": 2600, "bbox": [5, 24, 10, 10, 44, 36], "blocks": [0]},

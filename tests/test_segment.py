@@ -10,11 +10,9 @@ import pytest
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from emmito import cli
-from emmito.config import with_defaults
-from emmito.evaluate import instance_f1
-from emmito.io import read_volume, write_volume
-from emmito.segment import (
+from emmito import cli, contract
+from emmito.config import section_defaults, with_defaults
+from emmito.decoders import (
     SLAB_SLICES,
     bc_watershed,
     blur_slice,
@@ -22,10 +20,20 @@ from emmito.segment import (
     flood_voxels,
     heat_foreground,
     label_foreground,
+    resolve_decoder,
     segment_block,
 )
+from emmito.io import read_volume
+from emmito.metrics import instance_f1
 
-SMALL = {"min_size": 20, "min_seed_size": 4}
+
+
+def full(params: dict | None = None) -> dict:
+    """A complete segment section: the schema defaults with ``params`` on top (compute takes no partial sections)."""
+    return {**section_defaults("segment"), **(params or {})}
+
+
+SMALL = full({"min_size": 20, "min_seed_size": 4})
 
 
 def ellipsoid_heat(shape: tuple[int, int, int], centres, radii, peak: float = 255.0) -> np.ndarray:
@@ -83,21 +91,21 @@ def test_isolated_blob_is_one_object():
 
 def test_small_objects_are_removed():
     heat = ellipsoid_heat((10, 40, 40), [(5, 12, 12), (5, 30, 30)], [(4, 8, 8), (1.5, 3, 3)])
-    big_only = segment_block(heat, {"min_size": 100, "min_seed_size": 4})
+    big_only = segment_block(heat, full({"min_size": 100, "min_seed_size": 4}))
     assert big_only.max() == 1
     assert big_only[5, 12, 12] == 1 and big_only[5, 30, 30] == 0
-    both = segment_block(heat, {"min_size": 5, "min_seed_size": 1})
+    both = segment_block(heat, full({"min_size": 5, "min_seed_size": 1}))
     assert both.max() == 2
 
 
 def test_faint_blob_without_seed_is_kept_when_large_enough():
     heat = ellipsoid_heat((10, 30, 30), [(5, 15, 15)], [(4, 8, 8)], peak=100)  # below seed_threshold 150
     assert segment_block(heat, SMALL).max() == 1
-    assert segment_block(heat, {"min_size": 10_000}).max() == 0
+    assert segment_block(heat, full({"min_size": 10_000})).max() == 0
 
 
 def test_empty_heat_gives_zeros():
-    labels = segment_block(np.zeros((4, 16, 16), np.uint8))
+    labels = segment_block(np.zeros((4, 16, 16), np.uint8), full())
     assert labels.dtype == np.uint32 and labels.shape == (4, 16, 16)
     assert not labels.any()
 
@@ -119,7 +127,7 @@ def test_fast_path_equals_whole_block_watershed():
     radii = rng.uniform([2, 4, 4], [5, 12, 12], size=(n, 3))
     heat = ellipsoid_heat((20, 96, 96), centres, radii, peak=240).astype(np.int16)
     heat = np.clip(heat + rng.integers(-12, 13, size=heat.shape), 0, 255).astype(np.uint8)
-    params = {"min_size": 30, "min_seed_size": 5, "seed_threshold": 170}
+    params = full({"min_size": 30, "min_seed_size": 5, "seed_threshold": 170})
     fast = segment_block(heat, params)
     reference = whole_block_watershed(heat, params)
     assert same_partition(fast, reference)
@@ -196,22 +204,24 @@ def test_label_foreground_equals_cc3d_face_connectivity(depth):
         results.append(label_foreground(mask.shape, foreground_of, pool))
         if pool:
             pool.shutdown()
-    voxels, region, n_components, landscape, seeds = results[0]
+    foreground = results[0]
+    voxels, region = foreground.voxels, foreground.region
+    assert foreground.shape == mask.shape
     assert np.array_equal(voxels, np.flatnonzero(mask))
-    assert region.dtype == np.uint32 and n_components == n_reference > 1
+    assert region.dtype == np.uint32 and foreground.n_components == n_reference > 1
     assert same_partition(region, reference.reshape(-1)[voxels])
-    assert np.array_equal(landscape, np.full(len(voxels), 200, np.float32)) and seeds.all()
-    for one, other in zip(results[0], results[1]):
-        assert np.array_equal(one, other)
+    assert np.array_equal(foreground.landscape, np.full(len(voxels), 200, np.float32)) and foreground.seeds.all()
+    for field in ("voxels", "region", "n_components", "landscape", "seeds"):
+        assert np.array_equal(getattr(results[0], field), getattr(results[1], field))
     empty = label_foreground((3, 4, 5), lambda z: (np.zeros((4, 5), bool), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)))
-    assert empty[2] == 0 and len(empty[0]) == len(empty[1]) == 0
+    assert empty.n_components == 0 and len(empty.voxels) == len(empty.region) == 0
 
 
 def test_cli_writes_block_with_heat_attrs(tmp_path):
     heat = ellipsoid_heat((8, 24, 24), [(4, 12, 12)], [(3, 7, 7)])
-    heat_path = tmp_path / "heat" / "block_1.h5"
-    attrs = {"channels": ["foreground"], "volume_depth": 30, "downsample_xy": 2}
-    write_volume(heat_path, heat[None], voxel_size=[40, 16, 16], offset=20, attrs=attrs)
+    heat_path = contract.fixture(
+        tmp_path / "heat" / "block_1.h5", "heat", heat[None], voxel_size=[40, 16, 16], offset=20, volume_depth=30, downsample_xy=2
+    )
     out = tmp_path / "seg" / "block_1.h5"
     code = cli.main(["segment", str(heat_path), str(out), "--params", '{"segment": {"min_size": 20, "min_seed_size": 4}}'])
     assert code == 0
@@ -223,8 +233,8 @@ def test_cli_writes_block_with_heat_attrs(tmp_path):
 
 @pytest.mark.bad_input
 def test_cli_refuses_a_3d_heatmap(tmp_path, capsys):
-    heat_path = tmp_path / "block_0.h5"
-    write_volume(heat_path, np.zeros((4, 8, 8), np.uint8), voxel_size=[1, 1, 1])
+    # A bare 3-D file (no heat attributes), as another tool might write it.
+    heat_path = contract.fixture(tmp_path / "block_0.h5", "image", np.zeros((4, 8, 8), np.uint8), voxel_size=[1, 1, 1])
     assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5")]) == 2
     message = capsys.readouterr().err
     assert "block_0.h5" in message and "(channel, z, y, x)" in message
@@ -248,7 +258,7 @@ def bc_channels(shape, centres, radii):
     return binary, contour
 
 
-BC_SMALL = {"decoder": "bc_watershed", "bc_min_size": 20, "bc_min_seed_size": 4}
+BC_SMALL = full({"decoder": "bc_watershed", "bc_min_size": 20, "bc_min_seed_size": 4})
 
 
 def test_bc_schema_defaults_are_pytc_thresholds_in_heat_units():
@@ -310,17 +320,17 @@ def test_threads_do_not_change_the_result():
     centres = rng.uniform([0, 0, 0], [20, 80, 80], size=(30, 3))
     radii = rng.uniform([2, 4, 4], [5, 12, 12], size=(30, 3))
     heat = ellipsoid_heat((20, 80, 80), centres, radii, peak=240)
-    params = {"min_size": 30, "min_seed_size": 5, "seed_threshold": 170}
+    params = full({"min_size": 30, "min_seed_size": 5, "seed_threshold": 170})
     one = segment_block(heat, {**params, "threads": 1})
     assert np.array_equal(one, segment_block(heat, {**params, "threads": 3}))
 
 
 def test_cli_bc_decoder_reads_channels_by_name(tmp_path):
     binary, contour = bc_channels((12, 40, 60), [(6, 20, 20), (6, 20, 38)], [(5, 9, 11), (5, 9, 11)])
-    heat_path = tmp_path / "heat" / "block_0.h5"
     # Channels in a different order than the decoder lists them: found by name.
-    attrs = {"channels": ["contour", "foreground"], "volume_depth": 12, "downsample_xy": 1}
-    write_volume(heat_path, np.stack([contour, binary]), voxel_size=[40, 8, 8], attrs=attrs)
+    heat_path = contract.fixture(
+        tmp_path / "heat" / "block_0.h5", "heat", np.stack([contour, binary]), voxel_size=[40, 8, 8], channels=["contour", "foreground"]
+    )
     out = tmp_path / "seg" / "block_0.h5"
     params = '{"segment": {"decoder": "bc_watershed", "bc_min_size": 20, "bc_min_seed_size": 4}}'
     assert cli.main(["segment", str(heat_path), str(out), "--params", params]) == 0
@@ -331,9 +341,7 @@ def test_cli_bc_decoder_reads_channels_by_name(tmp_path):
 
 @pytest.mark.bad_input
 def test_cli_bc_decoder_on_a_one_channel_heatmap_names_the_missing_channel(tmp_path, capsys):
-    heat_path = tmp_path / "block_0.h5"
-    attrs = {"channels": ["foreground"], "volume_depth": 4, "downsample_xy": 1}
-    write_volume(heat_path, np.zeros((1, 4, 8, 8), np.uint8), voxel_size=[1, 1, 1], attrs=attrs)
+    heat_path = contract.fixture(tmp_path / "block_0.h5", "heat", np.zeros((1, 4, 8, 8), np.uint8), voxel_size=[1, 1, 1])
     params = '{"segment": {"decoder": "bc_watershed"}}'
     assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5"), "--params", params]) == 2
     message = capsys.readouterr().err
@@ -351,23 +359,19 @@ def test_cli_bc_decoder_on_a_one_channel_heatmap_names_the_missing_channel(tmp_p
     ],
 )
 def test_auto_decoder_follows_the_model_target(channels, expected):
-    from emmito.segment import resolve_decoder
-
     assert resolve_decoder("auto", channels) == expected
     assert resolve_decoder("bc_watershed", ["foreground"]) == ("bc_watershed", "foreground")
 
 
 def test_auto_decode_runs_bc_watershed_on_two_channels():
-    from emmito.segment import decode
-
     z, y, x = np.indices((8, 40, 60))
     left = ((y - 20) ** 2 + (x - 18) ** 2 < 120) & (z > 1) & (z < 7)
     right = ((y - 20) ** 2 + (x - 39) ** 2 < 120) & (z > 1) & (z < 7)
     binary = np.where(left | right, 250, 0).astype(np.uint8)
     contour = np.zeros_like(binary)
     contour[:, :, 28:30] = 255  # the two discs touch across this band
-    auto = decode({"foreground": binary, "contour": contour}, {"decoder": "auto", "bc_min_size": 10})
-    bc = decode({"foreground": binary, "contour": contour}, {"decoder": "bc_watershed", "bc_min_size": 10})
+    auto = decode({"foreground": binary, "contour": contour}, full({"decoder": "auto", "bc_min_size": 10}))
+    bc = decode({"foreground": binary, "contour": contour}, full({"decoder": "bc_watershed", "bc_min_size": 10}))
     assert np.array_equal(auto, bc)
     assert auto.max() == 2
 
@@ -379,7 +383,7 @@ def test_max_area_2d_drops_objects_wider_than_any_mitochondrion():
     mito_b = ((y - 48) ** 2 + (x - 15) ** 2 < 40) & (z > 0)
     process = (np.abs(y - 30) < 4) & (x > 30) & (z > 1) & (z < 4)  # 7 x 59 = 413 px in slices 2-3
     heat = np.where(mito_a | mito_b | process, 250, 0).astype(np.uint8)
-    params = {"decoder": "heat_watershed", "min_size": 10, "min_seed_size": 4, "blur_sigma": 0.5}
+    params = full({"decoder": "heat_watershed", "min_size": 10, "min_seed_size": 4, "blur_sigma": 0.5})
     everything = decode({"foreground": heat}, params)
     assert everything.max() == 3
     filtered = decode({"foreground": heat}, {**params, "max_area_2d": 300})
@@ -390,3 +394,52 @@ def test_max_area_2d_drops_objects_wider_than_any_mitochondrion():
     assert np.array_equal(decode({"foreground": heat}, {**params, "max_area_2d": 0}), everything)
     # A bound above the widest cross-section keeps everything.
     assert decode({"foreground": heat}, {**params, "max_area_2d": 10_000}).max() == 3
+
+
+# ---- lazy channels: decode reads h5py datasets as it reads arrays ------------------------
+
+
+def lazy_case(decoder: str) -> tuple[dict, dict]:
+    """(channels {name: uint8 (z, y, x)}, a complete segment section) for ``decoder``."""
+    from emmito.embedding import embedding_channel_names, embeddings_to_heat
+
+    centres, radii = [(6, 20, 20), (6, 20, 38)], [(5, 9, 11), (5, 9, 11)]
+    if decoder == "heat_watershed":
+        return {"foreground": ellipsoid_heat((12, 40, 60), centres, radii)}, SMALL
+    if decoder == "bc_watershed":
+        binary, contour = bc_channels((12, 40, 60), centres, radii)
+        return {"foreground": binary, "contour": contour}, BC_SMALL
+    # embedding_cluster: two touching boxes whose embeddings differ, with noise.
+    rng = np.random.default_rng(0)
+    truth = np.zeros((6, 12, 20), np.uint32)
+    truth[1:5, 2:10, 2:10], truth[1:5, 2:10, 10:18] = 1, 2
+    emb = rng.normal(0, 0.15, size=(3, *truth.shape)).astype(np.float32)
+    emb[:, truth == 1] += np.array([1.5, 0.0, 0.0], np.float32)[:, None]
+    emb[:, truth == 2] += np.array([-1.0, 1.0, 0.0], np.float32)[:, None]
+    channels = {"foreground": np.where(truth > 0, 240, 5).astype(np.uint8)}
+    channels |= {name: embeddings_to_heat(emb[i]) for i, name in enumerate(embedding_channel_names(3))}
+    return channels, full({"decoder": "embedding_cluster", "embedding_min_size": 10, "embedding_sample": 500})
+
+
+@pytest.mark.parametrize("decoder", ["heat_watershed", "bc_watershed", "embedding_cluster"])
+def test_decode_on_h5py_datasets_equals_decode_on_arrays(tmp_path, decoder):
+    import h5py
+
+    from emmito.segment import heat_channels
+
+    channels, params = lazy_case(decoder)
+    expected = decode(channels, params)
+    assert expected.max() == 2
+    # One dataset per channel: decode reads each when its decoder needs it.
+    with h5py.File(tmp_path / "channels.h5", "w") as f:
+        for name, array in channels.items():
+            f[name] = array
+    with h5py.File(tmp_path / "channels.h5", "r") as f:
+        lazy = {name: f[name] for name in channels}
+        assert all(isinstance(value, h5py.Dataset) for value in lazy.values())
+        assert np.array_equal(decode(lazy, params), expected)
+    # A heat file's (channel, z, y, x) dataset, one lazy channel per name, as emmito segment reads it.
+    path = contract.fixture(tmp_path / "heat.h5", "heat", np.stack(list(channels.values())), channels=list(channels))
+    with h5py.File(path, "r") as f:
+        ds = f[contract.DATASET]
+        assert np.array_equal(decode(heat_channels(ds, contract.read_attrs(ds)), params), expected)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emmito import contract
 from emmito.convert import convert_stack
 from emmito.io import EmmitoError, list_slices, read_volume
 from emmito.synth import synthesize, vast_rgb, write_slices
@@ -136,7 +137,7 @@ def test_written_pngs_round_trip_through_convert_and_are_byte_identical(tmp_path
     labels_back, attrs = read_volume(tmp_path / "label.h5")
     assert np.array_equal(image_back, image)
     assert np.array_equal(labels_back, labels)
-    assert attrs["voxel_size"] == [40.0, 8.0, 8.0] and attrs["offset"] == 0
+    assert attrs[contract.VOXEL_SIZE] == [40.0, 8.0, 8.0] and attrs[contract.OFFSET] == 0
 
 
 def test_cli_writes_slices_and_drops_stale_ones(tmp_path):

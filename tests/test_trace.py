@@ -8,10 +8,11 @@ import cc3d
 import numpy as np
 import pytest
 
-from emmito import blocks, cli
-from emmito.io import read_json, read_volume, write_volume
-from emmito.segment import segment_block
-from emmito.trace import match_overlap, resolve_ids, trace_arrays
+from emmito import blocks, cli, config, contract
+from emmito.blocks import Layout
+from emmito.decoders import segment_block
+from emmito.io import EmmitoError, read_json, read_volume
+from emmito.trace import check_blocks, match_overlap, resolve_ids, shared_slab, trace_arrays, trace_files
 
 
 def cut_into_blocks(volume: np.ndarray, block_slices: int, block_overlap: int, segment=None) -> list[np.ndarray]:
@@ -130,7 +131,7 @@ def test_without_overlap_adjacent_slices_are_matched():
 def test_segmenting_in_blocks_then_tracing_equals_segmenting_whole(block_slices, block_overlap):
     volume = separated_blobs(seed=4)
     heat = np.where(volume, 230, 0).astype(np.uint8)
-    params = {"blur_sigma": 0, "min_size": 1, "min_seed_size": 1, "threads": 1}
+    params = {**config.section_defaults("segment"), "blur_sigma": 0, "min_size": 1, "min_seed_size": 1, "threads": 1}
     whole = segment_block(heat, params)
     parts = cut_into_blocks(heat, block_slices, block_overlap, segment=lambda part: segment_block(part, params))
     traced, _ = trace_arrays(parts, block_slices, block_overlap)
@@ -142,8 +143,7 @@ def write_blocks(folder, parts, block_slices, depth):
     paths = []
     for b, part in enumerate(parts):
         path = folder / f"block_{b}.h5"
-        attrs = {"volume_depth": depth, "downsample_xy": 1}
-        write_volume(path, part, voxel_size=[40, 8, 8], offset=b * block_slices, attrs=attrs)
+        contract.fixture(path, "seg", part, voxel_size=[40, 8, 8], offset=b * block_slices, volume_depth=depth)
         paths.append(path)
     return paths
 
@@ -176,3 +176,32 @@ def test_cli_names_a_missing_block(tmp_path, capsys):
     assert cli.main([*argv, "--params", params]) == 2
     assert "block_2.h5" in capsys.readouterr().err
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_shared_slab_is_the_overlap_or_the_adjacent_slices():
+    with_overlap = Layout.of_blocks(10, 3, depth=25)
+    assert shared_slab(with_overlap, 0) == ((10, 13), (0, 3))
+    assert shared_slab(with_overlap, 1) == ((10, 13), (0, 3))
+    without = Layout.of_blocks(10, 0, depth=25)
+    assert shared_slab(without, 0) == ((9, 10), (0, 1))
+
+
+def test_trace_files_takes_the_depth_from_the_blocks(tmp_path):
+    volume = separated_blobs(seed=5)
+    parts = cut_into_blocks(volume, 12, 3)
+    paths = write_blocks(tmp_path, parts, 12, volume.shape[0])
+    expected, expected_record = trace_arrays(parts, 12, 3)
+    out, id_map = tmp_path / "seg_infer.h5", tmp_path / "trace.json"
+    record = trace_files(out, id_map, paths, Layout.of_blocks(12, 3), "iou", 0.5)
+    assert record == expected_record == read_json(id_map)
+    assert np.array_equal(read_volume(out)[0], expected)
+
+
+@pytest.mark.bad_input
+def test_check_blocks_refuses_blocks_cut_otherwise(tmp_path):
+    volume = separated_blobs()
+    paths = write_blocks(tmp_path, cut_into_blocks(volume, 10, 2), 10, volume.shape[0])
+    with pytest.raises(EmmitoError, match="not a multiple of merge.block_slices"):
+        check_blocks(paths[1:], Layout.of_blocks(8, 2))
+    with pytest.raises(EmmitoError, match="with merge.block_overlap 3"):
+        check_blocks(paths, Layout.of_blocks(10, 3))

@@ -10,20 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from emmito import io
 from emmito.config import section_defaults
-from emmito.infer import load_checkpoint, predict_slices
+from emmito.contract import fixture, save_checkpoint
 from emmito.io import EmmitoError
-from emmito.infer import mean_pool_xy
-from emmito.train import (
-    PatchSampler,
-    binary_target,
-    learning_rate_factor,
-    pool_volume,
-    run_cli,
-    save_checkpoint,
-    train_model,
-)
+from emmito.model import load_checkpoint
+from emmito.prediction import predict_slices
+from emmito.resampling import mean_pool_xy, pool_pair
+from emmito.targets import binary_target
+from emmito.train import PatchSampler, learning_rate_factor, run_cli, train_model
 
 TINY = dict(filters=[4, 8], conv3d_from_level=1, pool_z_from_level=1, patch=[4, 16, 16])
 
@@ -34,6 +28,7 @@ def params(seed: int = 0, **train) -> dict:
         "model": {**section_defaults("model"), **TINY},
         "train": {**section_defaults("train"), "iterations": 3, "batch_size": 2, "warmup_iterations": 1, "threads": 1, **train},
         "infer": {**section_defaults("infer"), "batch_size": 8},
+        "segment": section_defaults("segment"),  # validation F1 decodes with it: a complete section, as the CLI gives
     }
 
 
@@ -122,8 +117,8 @@ def test_training_learns_blobs_and_keeps_the_best_validation_state():
 def cli_args(tmp_path, **extra) -> argparse.Namespace:
     """``emmito train`` arguments for one blob volume written to ``tmp_path``, outputs under tmp_path/model."""
     image, label = blob_volume(0)
-    io.write_volume(tmp_path / "image.h5", image, voxel_size=[40, 8, 8])
-    io.write_volume(tmp_path / "label.h5", label, voxel_size=[40, 8, 8])
+    fixture(tmp_path / "image.h5", "image", image, voxel_size=[40, 8, 8])
+    fixture(tmp_path / "label.h5", "label", label, voxel_size=[40, 8, 8])
     return argparse.Namespace(
         train=[[tmp_path / "image.h5", tmp_path / "label.h5"]], val=[],
         checkpoint=tmp_path / "model" / "checkpoint.pt", metrics=tmp_path / "model" / "metrics.jsonl", **extra,
@@ -144,8 +139,8 @@ def test_train_cli_writes_checkpoint_and_metrics(tmp_path):
 @pytest.mark.bad_input
 def test_image_and_label_of_different_shapes_are_refused(tmp_path):
     image, label = blob_volume(0)
-    io.write_volume(tmp_path / "image.h5", image, voxel_size=[40, 8, 8])
-    io.write_volume(tmp_path / "label.h5", label[:, :30], voxel_size=[40, 8, 8])
+    fixture(tmp_path / "image.h5", "image", image, voxel_size=[40, 8, 8])
+    fixture(tmp_path / "label.h5", "label", label[:, :30], voxel_size=[40, 8, 8])
     args = argparse.Namespace(train=[[tmp_path / "image.h5", tmp_path / "label.h5"]], val=[], checkpoint=tmp_path / "c.pt", metrics=tmp_path / "m.jsonl")
     with pytest.raises(EmmitoError, match=r"label\.h5 is 8x30x32 but .*image\.h5 is 8x32x32"):
         run_cli(args, params())
@@ -174,13 +169,13 @@ def test_resume_after_preemption_gives_the_same_weights_as_one_run(tmp_path):
 
 def test_training_sees_the_inference_scale(monkeypatch):
     image, label = blob_volume(0, shape=(4, 8, 8))
-    pooled_image, pooled_label = pool_volume(image, label, 2)
+    pooled_image, pooled_label = pool_pair(image, label, 2)
     assert np.array_equal(pooled_image, mean_pool_xy(image, 2)) and pooled_image.shape == (4, 4, 4)
     assert pooled_label.shape == (4, 4, 4) and pooled_label.dtype == label.dtype
     # Mode pooling: a 2x2 block with any labelled voxel takes its most frequent label.
     block = np.array([[[0, 3], [3, 5]]], np.uint32)
-    assert pool_volume(np.zeros((1, 2, 2), np.uint8), block, 2)[1].tolist() == [[[3]]]
-    assert pool_volume(np.zeros((1, 4, 4), np.uint8), np.full((1, 4, 4), 7, np.uint32), 4)[1].tolist() == [[[7]]]
+    assert pool_pair(np.zeros((1, 2, 2), np.uint8), block, 2)[1].tolist() == [[[3]]]
+    assert pool_pair(np.zeros((1, 4, 4), np.uint8), np.full((1, 4, 4), 7, np.uint32), 4)[1].tolist() == [[[7]]]
 
     seen = []
     original = PatchSampler.__init__

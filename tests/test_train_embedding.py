@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from emmito.embedding import heat_to_embeddings, load_support_set, nearest_neighbour_classify
-from emmito.infer import load_checkpoint, to_heat
+from emmito.config import section_defaults
+from emmito.contract import load_support_set
+from emmito.decoders import decode, nearest_neighbour_classify
+from emmito.embedding import heat_to_embeddings
 from emmito.io import EmmitoError
-from emmito.model import build_model
-from emmito.segment import decode
-from emmito.train import predict_volume, run_cli, support_set, train_model
+from emmito.model import build_model, load_checkpoint
+from emmito.prediction import predict_volume, to_heat
+from emmito.train import run_cli, support_set, train_model
 from test_train import blob_volume, cli_args, params
 
 
@@ -21,7 +23,7 @@ def embedding_params(support_voxels: int = 256, **train) -> dict:
     cfg = params(**train)
     cfg["model"].update(head="embedding", embedding_dim=4)
     cfg["train"]["discriminative"] = {**cfg["train"]["discriminative"], "support_voxels": support_voxels}
-    cfg["segment"] = {"min_size": 20, "min_seed_size": 5, "embedding_min_size": 20}
+    cfg["segment"] = {**section_defaults("segment"), "min_size": 20, "min_seed_size": 5, "embedding_min_size": 20}
     return cfg
 
 

@@ -7,9 +7,10 @@ import hdf5plugin  # noqa: F401  (registers the Blosc filter for h5py)
 import numpy as np
 import pytest
 
-from emmito import cli
-from emmito.io import write_volume
-from emmito.upsample import downsample_mode, upsample_labels
+from emmito import __version__, cli, contract
+from emmito.io import volume_attrs
+from emmito.resampling import downsample_mode, upsample_labels
+from emmito.upsample import upsample_files
 
 
 def test_upsample_repeats_and_crops():
@@ -62,8 +63,8 @@ def test_cli_writes_main_and_pyramid_in_slabs(tmp_path):
     rng = np.random.default_rng(1)
     traced = rng.integers(0, 6, size=(7, 9, 10), dtype=np.uint32)
     traced_path, image_path, out = tmp_path / "seg_infer.h5", tmp_path / "image.h5", tmp_path / "seg.h5"
-    write_volume(traced_path, traced, voxel_size=[40, 16, 16], attrs={"downsample_xy": 2, "volume_depth": 7})
-    write_volume(image_path, np.zeros((7, 17, 20), np.uint8), voxel_size=[40, 8, 8])
+    contract.fixture(traced_path, "seg", traced, voxel_size=[40, 16, 16], downsample_xy=2, volume_depth=7)
+    contract.fixture(image_path, "image", np.zeros((7, 17, 20), np.uint8), voxel_size=[40, 8, 8])
     params = '{"upsample": {"pyramid_levels": 2, "slab_slices": 3}}'
     assert cli.main(["upsample", str(traced_path), str(image_path), str(out), "--params", params]) == 0
     full = upsample_labels(traced, 2, (17, 20))
@@ -81,9 +82,26 @@ def test_cli_writes_main_and_pyramid_in_slabs(tmp_path):
 @pytest.mark.bad_input
 def test_cli_refuses_a_traced_volume_of_another_image(tmp_path, capsys):
     traced_path, image_path = tmp_path / "seg_infer.h5", tmp_path / "image.h5"
-    write_volume(traced_path, np.zeros((4, 5, 5), np.uint32), voxel_size=[40, 16, 16], attrs={"downsample_xy": 2})
-    write_volume(image_path, np.zeros((4, 30, 10), np.uint8), voxel_size=[40, 8, 8])
+    contract.fixture(traced_path, "seg", np.zeros((4, 5, 5), np.uint32), voxel_size=[40, 16, 16], downsample_xy=2)
+    contract.fixture(image_path, "image", np.zeros((4, 30, 10), np.uint8), voxel_size=[40, 8, 8])
     assert cli.main(["upsample", str(traced_path), str(image_path), str(tmp_path / "seg.h5")]) == 2
     err = capsys.readouterr().err
     assert "seg_infer.h5" in err and "image.h5" in err
     assert not (tmp_path / "seg.h5").exists()
+
+
+def test_pyramid_levels_carry_the_level_attributes(tmp_path):
+    traced_path, image_path, out = tmp_path / "seg_infer.h5", tmp_path / "image.h5", tmp_path / "seg.h5"
+    contract.fixture(traced_path, "seg", np.ones((3, 5, 6), np.uint32), voxel_size=[30, 10, 10], downsample_xy=2)
+    contract.fixture(image_path, "image", np.zeros((3, 10, 11), np.uint8), voxel_size=[30, 5, 5])
+    upsample_files(traced_path, image_path, out, pyramid_levels=2, slab_slices=2)
+    with h5py.File(out, "r") as f:
+        assert contract.pyramid_levels(f) == [contract.DATASET, "s1", "s2"]
+        assert [f[name].shape for name in contract.pyramid_levels(f)] == [(3, 10, 11), (3, 5, 6), (3, 3, 3)]
+        full, coarse = volume_attrs(f[contract.DATASET]), volume_attrs(f["s2"])
+        assert list(f["s2"].attrs) == list(f[contract.DATASET].attrs)
+        assert sorted(f["s2"].attrs) == sorted([*contract.BASE_KEYS, *contract.FRAME_KEYS])
+    assert full[contract.VOLUME_DEPTH] == coarse[contract.VOLUME_DEPTH] == 3
+    assert (full[contract.DOWNSAMPLE_XY], coarse[contract.DOWNSAMPLE_XY]) == (1, 4)
+    assert coarse[contract.VOXEL_SIZE] == [30.0, 20.0, 20.0] and coarse[contract.OFFSET] == 0
+    assert coarse[contract.VERSION] == __version__

@@ -8,9 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from emmito import config
+from emmito import config, contract
 from emmito.export import export_files
-from emmito.io import write_volume
 
 pytest.importorskip("tensorstore")
 pytest.importorskip("neuroglancer")
@@ -37,8 +36,8 @@ def export(tmp_path_factory):
     seg[2:11, 10:40, 10:40] = 7  # 8100 voxels, the largest: the view centres on it (slice 6)
     seg[4:9, 30:50, 50:75] = 3  # 2500 voxels
     seg[6, 52:58, 2:8] = 5  # 36 voxels
-    write_volume(folder / "image.h5", image, voxel_size=VOXEL_SIZE)
-    write_volume(folder / "seg.h5", seg, voxel_size=VOXEL_SIZE)
+    contract.fixture(folder / "image.h5", "image", image, voxel_size=VOXEL_SIZE)
+    contract.fixture(folder / "seg.h5", "seg", seg, voxel_size=VOXEL_SIZE)
     params = config.with_defaults("export", {"chunk_size": [4, 32, 32], "pyramid_levels": 1, "shard_above_voxels": 0})
     export_files(folder / "seg.h5", folder / "image.h5", folder / "ng", params)
     return folder / "ng", seg

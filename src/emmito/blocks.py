@@ -10,6 +10,8 @@ All ranges are half-open slice indices in the volume's frame.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 from emmito.io import EmmitoError
 
@@ -51,3 +53,57 @@ def chunks_of_block(
     """Indices of the inference chunks that block ``block_index`` (with its overlap) reads."""
     start, stop = block_range(block_index, block_slices, block_overlap, depth)
     return list(range(start // chunk_slices, math.ceil(stop / chunk_slices)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a volume of ``depth`` slices is cut: inference chunks, segmentation blocks, the tracing overlap.
+
+    Built once at the boundary (``Layout.from_config``) and passed to the rules,
+    merge, infer and trace instead of loose integers. ``depth`` may be 0 where
+    only the cutting matters (it is then taken from the files).
+    """
+
+    depth: int
+    chunk_slices: int
+    block_slices: int
+    block_overlap: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], depth: int = 0) -> "Layout":
+        """The layout of a validated config (``infer.chunk_slices``, ``merge.block_slices`` / ``block_overlap``)."""
+        return cls(
+            depth=int(depth),
+            chunk_slices=int(config["infer"]["chunk_slices"]),
+            block_slices=int(config["merge"]["block_slices"]),
+            block_overlap=int(config["merge"]["block_overlap"]),
+        )
+
+    @classmethod
+    def of_blocks(cls, block_slices: int, block_overlap: int, depth: int = 0) -> "Layout":
+        """The layout of code that reads blocks only (trace, from ``merge`` alone): its chunks are the blocks."""
+        return cls(int(depth), int(block_slices), int(block_slices), int(block_overlap))
+
+    def with_depth(self, depth: int) -> "Layout":
+        return Layout(int(depth), self.chunk_slices, self.block_slices, self.block_overlap)
+
+    @property
+    def n_chunks(self) -> int:
+        return count(self.depth, self.chunk_slices)
+
+    @property
+    def n_blocks(self) -> int:
+        return count(self.depth, self.block_slices)
+
+    def chunk_range(self, chunk_index: int) -> tuple[int, int]:
+        return chunk_range(chunk_index, self.chunk_slices, self.depth)
+
+    def block_range(self, block_index: int) -> tuple[int, int]:
+        """Slices block ``block_index`` holds: its own plus the overlap into the next."""
+        return block_range(block_index, self.block_slices, self.block_overlap, self.depth)
+
+    def block_own_range(self, block_index: int) -> tuple[int, int]:
+        return block_own_range(block_index, self.block_slices, self.depth)
+
+    def chunks_of_block(self, block_index: int) -> list[int]:
+        return chunks_of_block(block_index, self.block_slices, self.block_overlap, self.chunk_slices, self.depth)

@@ -15,40 +15,73 @@ import sys
 import threading
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from emmito import __version__
+from emmito import __version__, contract
 from emmito.io import EmmitoError
+
+if TYPE_CHECKING:
+    from emmito.config import Validated
 
 SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export")
 
 
-def stage_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The validated config sections for a verb: --config file, then --params on top."""
+def stage_config(args: argparse.Namespace) -> Validated:
+    """The validated config sections for a verb: --config file, then --params on top.
+
+    Every section comes complete (the schema's defaults filled in); the result's
+    ``explicit`` (``config.Validated``) names the keys the config file or
+    ``--params`` set, so that a stage can tell a user's value from a default.
+    """
     from emmito import config as cfg
 
     partial: dict[str, Any] = {}
+    explicit: frozenset[str] = frozenset()
     if getattr(args, "config", None):
         loaded = cfg.load(args.config)
         partial = {k: v for k, v in loaded.items() if k in SECTIONS}
+        explicit = frozenset(p for p in loaded.explicit if p.split(".", 1)[0] in SECTIONS)
     if getattr(args, "params", None):
-        try:
-            extra = json.loads(args.params)
-        except json.JSONDecodeError as exc:
-            raise EmmitoError(f"--params is not valid JSON ({exc}): pass an object such as '{{\"segment\": {{\"min_size\": 500}}}}'") from None
-        if not isinstance(extra, dict):
-            raise EmmitoError("--params must be a JSON object of config sections, such as '{\"segment\": {}}'")
-        # The workflow adds the package version so that an upgrade reruns its stages.
-        extra.pop("emmito_version", None)
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(partial.get(key), dict):
-                partial[key] = {**partial[key], **value}
-            else:
-                partial[key] = value
-    full = {"volumes": {"x": {"images": "x"}}, **partial}
-    cfg._check_schema(full, source="--params" if getattr(args, "params", None) else "config")
-    full.pop("volumes")
-    return full
+        extra = _parse_params(args.params)
+        partial, explicit = _params_on_top(partial, explicit, extra)
+    validated = cfg.validate_sections(partial, "--params" if getattr(args, "params", None) else "config", explicit)
+    validated.pop("volumes", None)
+    return validated
+
+
+def _parse_params(text: str) -> dict[str, Any]:
+    """``--params``' JSON object, without the package version the workflow adds (so that an upgrade reruns its stages)."""
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EmmitoError(f"--params is not valid JSON ({exc}): pass an object such as '{{\"segment\": {{\"min_size\": 500}}}}'") from None
+    if not isinstance(extra, dict):
+        raise EmmitoError("--params must be a JSON object of config sections, such as '{\"segment\": {}}'")
+    extra.pop("emmito_version", None)
+    return extra
+
+
+def _params_on_top(
+    partial: dict[str, Any], explicit: frozenset[str], extra: dict[str, Any]
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """``extra``'s keys set over ``partial``'s, one level into each section; and the key paths the user set after it.
+
+    A key ``extra`` sets replaces the config file's value whole, so the file's
+    keys below it no longer count as set.
+    """
+    from emmito.config import explicit_keys
+
+    merged = dict(partial)
+    replaced: list[str] = []
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+            replaced += [f"{key}.{inner}." for inner in value]
+        else:
+            merged[key] = value
+            replaced.append(f"{key}.")
+    kept = {path for path in explicit if not any(path.startswith(prefix) for prefix in replaced)}
+    return merged, frozenset(kept) | explicit_keys(extra)
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
@@ -56,11 +89,8 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="JSON object of config sections, e.g. '{\"segment\": {\"min_size\": 500}}' (overrides --config)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"emmito {__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
+def _data_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs synth, convert: the PNG slices a run starts from, into HDF5 volumes."""
     p = verbs.add_parser("synth", help="write a synthetic EM-like volume with instance labels as PNG slices")
     p.add_argument("out_dir", type=Path, help="writes OUT_DIR/images/*.png and OUT_DIR/labels/*.png (VAST RGB ids)")
     p.add_argument("--slices", type=int, default=64)
@@ -76,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-out", type=Path, help="image.h5 to write (at least one of --image-out / --label-out)")
     p.add_argument("--label-out", type=Path, help="label.h5 to write (needs --labels; --images is still read to check counts and sizes)")
 
+
+def _model_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs train, infer: the network."""
     p = verbs.add_parser("train", help="train the 3D U-Net; writes a checkpoint and a metrics log")
     p.add_argument("--train", nargs=2, action="append", required=True, metavar=("IMAGE", "LABEL"))
     p.add_argument("--val", nargs=2, action="append", default=[], metavar=("IMAGE", "LABEL"))
@@ -94,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, required=True, help="chunk index")
     _add_params(p)
 
+
+def _block_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs merge, segment, trace: blocks of heat into one segmentation."""
     p = verbs.add_parser("merge", help="assemble the chunks of one block (plus overlap)")
     p.add_argument("out", type=Path)
     p.add_argument("chunks", type=Path, nargs="+")
@@ -111,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("blocks", type=Path, nargs="+", help="seg/block_*.h5 in block order")
     _add_params(p)
 
+
+def _volume_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs upsample, evaluate, export: the finished volume."""
     p = verbs.add_parser("upsample", help="traced labels -> full image resolution + a multiscale pyramid")
     p.add_argument("traced", type=Path)
     p.add_argument("image", type=Path, help="image.h5, for the full-resolution shape")
@@ -129,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="writes OUT_DIR/image, OUT_DIR/segmentation, OUT_DIR/objects.json")
     _add_params(p)
 
+
+def _look_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs view, report, summary: looking at the results."""
     p = verbs.add_parser("view", help="serve an export in neuroglancer (python package, bundled client); Ctrl-C stops")
     p.add_argument("ng_dir", type=Path, help="the folder emmito export wrote (results/<vol>/ng)")
     p.add_argument("--bind", default="127.0.0.1", help="address to serve on (0.0.0.0 to reach it from other machines)")
@@ -145,7 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("summary", help="one screen on a finished run: objects, metrics, where the outputs are")
     p.add_argument("config", type=Path, help="the workflow config the run used")
-    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--results", type=Path, default=Path(contract.RESULTS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"emmito {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add_verbs in (_data_verbs, _model_verbs, _block_verbs, _volume_verbs, _look_verbs):
+        add_verbs(verbs)
     return parser
 
 

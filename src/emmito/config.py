@@ -2,12 +2,21 @@
 
 The schema ships inside the package, so ``emmito <verb>`` fills the same defaults
 as the Snakemake workflow and refuses the same typos.
+
+Validation happens once, at the boundary (the CLI's ``stage_config``, the
+workflow's ``rules/common.smk``): ``validate`` checks a whole workflow config,
+``validate_sections`` a set of stage sections (what ``--params`` carries, no
+``volumes`` needed). Both fill the schema's defaults and return a ``Validated``
+mapping whose ``explicit`` names the keys the user set, so that later code can
+tell a user's value from a default. Code below the boundary takes complete
+sections and never validates again.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,15 +24,50 @@ from typing import Any
 import jsonschema
 import yaml
 
+from emmito import contract
 from emmito.io import EmmitoError
 
 SCHEMA_FILE = "config.schema.yaml"
+
+
+class Validated(dict):
+    """A validated config (or set of config sections) with the schema's defaults filled in.
+
+    A plain dict in every other way (it serialises as JSON, copies and pickles);
+    ``explicit`` is the frozenset of dotted key paths the user set
+    (``segment.min_size``, ``train.discriminative.support_voxels``), see
+    ``explicit_keys``. A key not in it holds the schema's default.
+    """
+
+    def __init__(self, data: Mapping[str, Any] = (), explicit: Iterable[str] = ()) -> None:
+        super().__init__(data)
+        self.explicit: frozenset[str] = frozenset(explicit)
+
+    def is_explicit(self, path: str) -> bool:
+        """Whether the user set the dotted key ``path`` (rather than it being a default)."""
+        return path in self.explicit
 
 
 @functools.cache
 def schema() -> dict[str, Any]:
     """The parsed config schema (JSON Schema draft 2020-12)."""
     return yaml.safe_load(resources.files("emmito").joinpath(SCHEMA_FILE).read_text())
+
+
+def explicit_keys(raw: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
+    """Every key path in ``raw`` as a dotted string, at every depth, before defaults are filled in.
+
+    ``{"train": {"discriminative": {"support_voxels": 9}}}`` gives ``train``,
+    ``train.discriminative`` and ``train.discriminative.support_voxels``. Lists
+    are values: their items are not descended into.
+    """
+    paths: set[str] = set()
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        paths.add(path)
+        if isinstance(value, Mapping):
+            paths |= explicit_keys(value, prefix=f"{path}.")
+    return frozenset(paths)
 
 
 def _default_filling_validator() -> type:
@@ -65,20 +109,33 @@ def _one_line(error: jsonschema.ValidationError, source: str) -> str:
 
 
 def _check_schema(config: dict[str, Any], source: str) -> None:
+    """Check ``config`` against the schema and fill its defaults in place; the first error as one line."""
     validator = _default_filling_validator()(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         raise EmmitoError(_one_line(errors[0], source))
 
 
-def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Validate ``config`` in place against the schema, filling defaults.
+def validate_sections(
+    sections: dict[str, Any], source: str = "config", explicit: Iterable[str] | None = None
+) -> Validated:
+    """Validate config sections (``{"segment": {...}, "merge": {...}}``) against the schema, filling defaults.
 
-    Raises EmmitoError with one line naming the key and the fix. Also checks
-    the rules a schema cannot express (block_slices a multiple of chunk_slices,
-    volume names that exist).
+    What the CLI's ``--params`` carries: any top-level keys of a workflow config,
+    ``volumes`` not needed. Every section the schema knows is filled in (with
+    its defaults where absent); ``sections`` itself is filled in place too.
+    ``explicit`` (the key paths the user set) defaults to those in ``sections``
+    before filling (``explicit_keys``). Raises EmmitoError with one line naming
+    the key and the fix. The cross-key rules of a whole config are ``validate``'s.
     """
-    _check_schema(config, source)
+    if explicit is None:
+        explicit = getattr(sections, "explicit", None)
+    explicit = explicit_keys(sections) if explicit is None else frozenset(explicit)
+    _check_schema(sections, source)
+    return Validated(sections, explicit)
+
+
+def _check_blocks(config: dict[str, Any], source: str) -> None:
     chunk = config["infer"]["chunk_slices"]
     block = config["merge"]["block_slices"]
     if block % chunk:
@@ -90,6 +147,9 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
         raise EmmitoError(
             f"{source}: merge.block_overlap ({config['merge']['block_overlap']}) is larger than merge.block_slices ({block}): use a few slices"
         )
+
+
+def _check_volume_names(config: dict[str, Any], source: str) -> None:
     for section, key in (("train", "volumes"), ("train", "validation"), ("infer", "volumes")):
         for name in config[section][key]:
             if name not in config["volumes"]:
@@ -103,11 +163,23 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     overlap = set(config["train"]["volumes"]) & set(config["train"]["validation"])
     if overlap:
         raise EmmitoError(f"{source}: volume(s) {sorted(overlap)} are in both train.volumes and train.validation: never validate on training data")
-    return config
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read and validate a YAML config file."""
+def validate(config: dict[str, Any], source: str = "config", explicit: Iterable[str] | None = None) -> Validated:
+    """Validate a whole workflow config against the schema, filling defaults (in place, too).
+
+    Raises EmmitoError with one line naming the key and the fix. Beyond
+    ``validate_sections`` it checks the rules a schema cannot express
+    (block_slices a multiple of chunk_slices, volume names that exist).
+    """
+    validated = validate_sections(config, source, explicit)
+    _check_blocks(validated, source)
+    _check_volume_names(validated, source)
+    return validated
+
+
+def load(path: str | Path) -> Validated:
+    """Read and validate a YAML config file; ``explicit`` holds the keys the file sets."""
     path = Path(path)
     if not path.exists():
         raise EmmitoError(f"{path}: config file not found: copy config.yaml and edit it")
@@ -122,6 +194,9 @@ def load(path: str | Path) -> dict[str, Any]:
     return validate(config, source=str(path))
 
 
+# ---- boundary helpers: one complete section, for tests and benchmarks ----------------
+
+
 def section_defaults(section: str) -> dict[str, Any]:
     """The default values of one config section (e.g. ``segment``)."""
     return with_defaults(section, None)
@@ -129,16 +204,21 @@ def section_defaults(section: str) -> dict[str, Any]:
 
 def with_defaults(section: str, params: dict[str, Any] | None) -> dict[str, Any]:
     """Validate ``params`` as config section ``section``, filling its defaults."""
-    config: dict[str, Any] = {"volumes": {"x": {"images": "x"}}, section: dict(params or {})}
-    _check_schema(config, source=f"--params for {section}")
-    return config[section]
+    return validate_sections({section: dict(params or {})}, source=f"--params for {section}")[section]
+
+
+# ---- where the model lives -------------------------------------------------------------
+
+
+def model_name(config: dict[str, Any]) -> str:
+    return config.get("model", {}).get("name", "model")
 
 
 def model_dir(config: dict[str, Any]) -> str:
-    """Where train writes model.name's checkpoint (and support set): results/model/<model.name>."""
-    return f"results/model/{config.get('model', {}).get('name', 'model')}"
+    """Where train writes model.name's checkpoint (and support set): ``contract.Results().model_dir``."""
+    return contract.Results().model_dir(model_name(config))
 
 
 def support_set_path(config: dict[str, Any]) -> str:
     """The support set the nearest_neighbour decoder reads: segment.support_set, else the one beside the checkpoint."""
-    return config.get("segment", {}).get("support_set", "") or f"{model_dir(config)}/support.npz"
+    return config.get("segment", {}).get("support_set", "") or contract.Results().support_set(model_name(config))

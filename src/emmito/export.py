@@ -4,8 +4,9 @@
 of the one before) and ``OUT_DIR/segmentation`` the labels (uint32,
 compressed_segmentation encoding, each scale the mode of 2 x 2 voxels). Like
 seg.h5's pyramid, scales halve y and x only: EM voxels are already several
-times longer in z. The segmentation copies the scales seg.h5 stores (``s1``..)
-and computes any further ones from the scale before, read back from the output.
+times longer in z. The segmentation copies the scales seg.h5 stores (its pyramid
+levels, ``contract.level_name``) and computes any further ones from the scale
+before, read back from the output.
 
 Volumes larger than ``shard_above_voxels`` are sharded (a few thousand files
 instead of millions of chunk files). The volume is written one region at a
@@ -37,8 +38,9 @@ import fastremap
 import numpy as np
 from tqdm import tqdm
 
+from emmito import contract
 from emmito.io import EmmitoError, open_volume, volume_attrs, write_json
-from emmito.upsample import downsample_mode
+from emmito.resampling import downsample_mode, mean_downsample
 
 IMAGE_LAYER = "image"
 SEGMENTATION_LAYER = "segmentation"
@@ -47,25 +49,6 @@ SEGMENT_PROPERTIES = "segment_properties"
 # Chunks that neighbour in the chunk grid share a minishard, so one minishard
 # index read serves a neighbourhood of chunks.
 MINISHARD_CHUNKS = 8
-
-
-def mean_downsample(image: np.ndarray) -> np.ndarray:
-    """2x downsampling in y and x by mean: uint8 (z, y, x) -> uint8 (z, ceil(y/2), ceil(x/2)).
-
-    An odd edge averages only the voxels that exist (no dark border). Rounds
-    half up, so the result is exact integer arithmetic and independent of the
-    platform.
-    """
-    z, y, x = image.shape
-    pad_y, pad_x = y % 2, x % 2
-    padded = np.pad(image.astype(np.uint16), ((0, 0), (0, pad_y), (0, pad_x)))
-    total = padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 1::2]
-    counts = np.full(total.shape[1:], 4, dtype=np.uint16)
-    if pad_y:
-        counts[-1, :] //= 2
-    if pad_x:
-        counts[:, -1] //= 2
-    return ((total + counts // 2) // counts).astype(np.uint8)
 
 
 def sharding_spec(grid_chunks: tuple[int, int, int], shard_chunks: int) -> dict[str, Any]:
@@ -349,13 +332,13 @@ def export_files(seg_path: Path, image_path: Path, out_dir: Path, params: dict[s
             )
         if seg.dtype.kind not in "ui":
             raise EmmitoError(f"{seg_path}: labels are {seg.dtype}, not integers: export seg.h5 from emmito upsample")
-        voxel_size = volume_attrs(seg)["voxel_size"]
+        voxel_size = contract.voxel_size(volume_attrs(seg))
         shape = tuple(int(s) for s in image.shape)
         shapes = scale_shapes(shape, tuple(params["chunk_size"]), params["pyramid_levels"])
         seg_file = seg.file
 
         def seg_source(level: int, region: tuple[slice, slice, slice]) -> np.ndarray | None:
-            name = "main" if level == 0 else f"s{level}"
+            name = contract.level_name(level)
             if name not in seg_file or tuple(seg_file[name].shape) != shapes[level]:
                 return None
             return seg_file[name][region].astype(np.uint32, copy=False)
@@ -380,7 +363,7 @@ def export_files(seg_path: Path, image_path: Path, out_dir: Path, params: dict[s
             write_json(tmp / SEGMENTATION_LAYER / SEGMENT_PROPERTIES / "info", segment_properties(statistics.voxels, voxel_size))
             record = {
                 "shape": list(shape),
-                "voxel_size": voxel_size,
+                contract.VOXEL_SIZE: voxel_size,
                 "scales": [list(s) for s in shapes],
                 "layers": {"image": IMAGE_LAYER, "segmentation": SEGMENTATION_LAYER},
                 "objects": statistics.record(),

@@ -1,12 +1,9 @@
-"""The on-disk contract in one place: HDF5 volumes, atomic writes, clear errors.
+"""HDF5 volumes, atomic writes, clear errors, and the PNG slices that come in.
 
-Every volume emmito writes is an HDF5 file with one dataset ``main`` (z, y, x),
+Every volume emmito writes is an HDF5 file with one dataset (``contract.DATASET``),
 chunked and compressed with Blosc-LZ4 (through ``hdf5plugin``; readers need
-``import hdf5plugin``), carrying the attributes
-
-- ``voxel_size``: (z, y, x) in nm,
-- ``offset``: the slice index (z) of the first slice in the volume's frame,
-- ``emmito_version``.
+``import hdf5plugin``), carrying the attributes ``contract.BASE_KEYS`` (voxel
+size, offset, version); ``emmito.contract`` lists every name and key.
 
 Every file is written under a temporary name in its own folder and moved into
 place with ``os.replace``, so a killed job never leaves a file that looks finished.
@@ -23,6 +20,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,8 @@ import hdf5plugin
 import numpy as np
 from PIL import Image
 
-from emmito import __version__
-
-DATASET = "main"
+from emmito import __version__, contract
+from emmito.contract import DATASET
 
 
 class EmmitoError(Exception):
@@ -167,9 +164,9 @@ def create_volume(
                 fillvalue=0,
                 **compression(),
             )
-            ds.attrs["voxel_size"] = np.asarray(voxel_size, dtype=np.float64)
-            ds.attrs["offset"] = int(offset)
-            ds.attrs["emmito_version"] = __version__
+            ds.attrs[contract.VOXEL_SIZE] = np.asarray(voxel_size, dtype=np.float64)
+            ds.attrs[contract.OFFSET] = int(offset)
+            ds.attrs[contract.VERSION] = __version__
             for key, value in (attrs or {}).items():
                 ds.attrs[key] = value
             yield ds
@@ -235,13 +232,8 @@ def read_volume(
 
 
 def volume_attrs(ds: h5py.Dataset) -> dict[str, Any]:
-    """The emmito attributes of a dataset, with defaults for files made elsewhere."""
-    attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ds.attrs.items()}
-    attrs.setdefault("voxel_size", [1.0, 1.0, 1.0])
-    attrs.setdefault("offset", 0)
-    attrs["offset"] = int(attrs["offset"])
-    attrs["voxel_size"] = [float(v) for v in attrs["voxel_size"]]
-    return attrs
+    """The emmito attributes of a dataset, with defaults for files made elsewhere (``contract.read_attrs``)."""
+    return contract.read_attrs(ds)
 
 
 def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
@@ -446,6 +438,22 @@ def read_png_slice(path: str | os.PathLike, kind: str) -> np.ndarray:
     path = Path(path)
     if kind not in PNG_KINDS:
         raise ValueError(f"kind must be one of {PNG_KINDS}, not {kind!r}")
+    return _PNG_READERS[kind](path, _png_pixels(path))
+
+
+@dataclass(frozen=True)
+class _PngPixels:
+    """A decoded PNG slice as ``read_png_slice`` sees it: grey+alpha already reduced to grey."""
+
+    pixels: np.ndarray  # (y, x) grey or palette indices, (y, x, 3|4) colour
+    mode: str  # PIL mode: 1, L, I;16, I;16B, I, P, RGB, RGBA
+    palette: list[int] | None
+    bit_depth: int
+    colour: str  # from the header: grey, RGB, palette, grey+alpha, RGBA
+    rgb: np.ndarray | None  # (y, x, 3) for RGB(A) modes, else None
+
+
+def _png_pixels(path: Path) -> _PngPixels:
     pixels, mode, palette, bit_depth, colour = _decode_png(path)
     if mode not in _SUPPORTED_MODES:
         raise EmmitoError(f"{path}: PNG pixel mode {mode} is not supported: export 8/16-bit grey or 8-bit RGB")
@@ -453,55 +461,76 @@ def read_png_slice(path: str | os.PathLike, kind: str) -> np.ndarray:
     if mode == "LA":
         pixels, mode = pixels[..., 0], "L"
     rgb = pixels[..., :3] if mode in ("RGB", "RGBA") else None
+    return _PngPixels(pixels, mode, palette, bit_depth, colour, rgb)
 
-    if kind == "image":
-        if mode == "P":
-            table = _palette_table(path, palette)
-            used = _present_values(pixels)
-            if np.any(table[used, 0] != table[used, 1]) or np.any(table[used, 1] != table[used, 2]):
-                raise EmmitoError(f"{path}: palette PNG with colour (not grey) entries: export it as greyscale")
-            return table[:, 0][pixels]
-        if rgb is not None:
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-                raise EmmitoError(f"{path}: is colour (channels differ): export it as greyscale")
-            return np.ascontiguousarray(rgb[..., 0])
-        if mode == "1":
-            return pixels.astype(np.uint8) * np.uint8(255)
-        if bit_depth == 16:
-            return (pixels.astype(np.uint16) >> 8).astype(np.uint8)
-        return np.ascontiguousarray(pixels, dtype=np.uint8)
 
-    if kind == "label_binary":
-        if mode == "1":
-            return pixels.astype(np.uint8)
-        if rgb is not None:
-            _check_binary_values(path, _present_values(rgb), (0, 1, 255), f"{colour} channels")
-            return np.any(rgb != 0, axis=-1).astype(np.uint8)
-        top = 65535 if bit_depth == 16 else 255
-        what = "palette indices" if mode == "P" else f"{bit_depth}-bit grey"
-        if mode == "P" or bit_depth >= 8:
-            _check_binary_values(path, _present_values(pixels.astype(np.uint16)), (0, 1, top), what)
-        return (pixels != 0).astype(np.uint8)
-
-    if kind == "label_instance":
-        if rgb is not None:
-            raise EmmitoError(
-                f"{path}: label_format instance needs grey PNGs whose values are ids, this one is {colour}: "
-                "use label_format vast for VAST RGB exports, or export grey ids"
-            )
-        if mode == "L" and bit_depth < 8:  # PIL stretched 2/4-bit grey to 0..255: undo it to get the ids
-            return pixels.astype(np.uint32) // (255 // (2**bit_depth - 1))
-        return pixels.astype(np.uint32)
-
-    # label_vast
+def _image_pixels(path: Path, png: _PngPixels) -> np.ndarray:
+    """kind image: uint8 grey (see ``read_png_slice``)."""
+    pixels, mode, rgb = png.pixels, png.mode, png.rgb
     if mode == "P":
-        rgb = _palette_table(path, palette)[pixels]
-    elif rgb is None or colour not in ("RGB", "RGBA"):
+        table = _palette_table(path, png.palette)
+        used = _present_values(pixels)
+        if np.any(table[used, 0] != table[used, 1]) or np.any(table[used, 1] != table[used, 2]):
+            raise EmmitoError(f"{path}: palette PNG with colour (not grey) entries: export it as greyscale")
+        return table[:, 0][pixels]
+    if rgb is not None:
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            raise EmmitoError(f"{path}: is colour (channels differ): export it as greyscale")
+        return np.ascontiguousarray(rgb[..., 0])
+    if mode == "1":
+        return pixels.astype(np.uint8) * np.uint8(255)
+    if png.bit_depth == 16:
+        return (pixels.astype(np.uint16) >> 8).astype(np.uint8)
+    return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+
+def _binary_pixels(path: Path, png: _PngPixels) -> np.ndarray:
+    """kind label_binary: uint8 0/1, with the values checked (see ``read_png_slice``)."""
+    pixels, mode, rgb, bit_depth = png.pixels, png.mode, png.rgb, png.bit_depth
+    if mode == "1":
+        return pixels.astype(np.uint8)
+    if rgb is not None:
+        _check_binary_values(path, _present_values(rgb), (0, 1, 255), f"{png.colour} channels")
+        return np.any(rgb != 0, axis=-1).astype(np.uint8)
+    top = 65535 if bit_depth == 16 else 255
+    what = "palette indices" if mode == "P" else f"{bit_depth}-bit grey"
+    if mode == "P" or bit_depth >= 8:
+        _check_binary_values(path, _present_values(pixels.astype(np.uint16)), (0, 1, top), what)
+    return (pixels != 0).astype(np.uint8)
+
+
+def _instance_pixels(path: Path, png: _PngPixels) -> np.ndarray:
+    """kind label_instance: uint32 ids from grey values or palette indices (see ``read_png_slice``)."""
+    pixels, bit_depth = png.pixels, png.bit_depth
+    if png.rgb is not None:
         raise EmmitoError(
-            f"{path}: label_format vast needs RGB PNGs (id = R*65536 + G*256 + B), this one is {colour}: "
+            f"{path}: label_format instance needs grey PNGs whose values are ids, this one is {png.colour}: "
+            "use label_format vast for VAST RGB exports, or export grey ids"
+        )
+    if png.mode == "L" and bit_depth < 8:  # PIL stretched 2/4-bit grey to 0..255: undo it to get the ids
+        return pixels.astype(np.uint32) // (255 // (2**bit_depth - 1))
+    return pixels.astype(np.uint32)
+
+
+def _vast_pixels(path: Path, png: _PngPixels) -> np.ndarray:
+    """kind label_vast: uint32 ids R*65536 + G*256 + B (see ``read_png_slice``)."""
+    rgb = png.rgb
+    if png.mode == "P":
+        rgb = _palette_table(path, png.palette)[png.pixels]
+    elif rgb is None or png.colour not in ("RGB", "RGBA"):
+        raise EmmitoError(
+            f"{path}: label_format vast needs RGB PNGs (id = R*65536 + G*256 + B), this one is {png.colour}: "
             "use label_format instance for grey id images, or binary for masks"
         )
-    elif bit_depth != 8:
-        raise EmmitoError(f"{path}: VAST labels are 8-bit RGB, this one is {bit_depth}-bit: re-export it from VAST")
+    elif png.bit_depth != 8:
+        raise EmmitoError(f"{path}: VAST labels are 8-bit RGB, this one is {png.bit_depth}-bit: re-export it from VAST")
     rgb = rgb.astype(np.uint32)
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+_PNG_READERS = {
+    "image": _image_pixels,
+    "label_binary": _binary_pixels,
+    "label_instance": _instance_pixels,
+    "label_vast": _vast_pixels,
+}

@@ -4,13 +4,16 @@
 ``ohem_mse`` and ``ohem_bce`` (the original pipeline's online hard example
 mining) for the skeleton-distance regression, where the prediction is
 tanh(logits) in [-1, 1]. ``target_loss`` combines them with per-target weights
-from ``train.loss_weights``.
+from ``train.loss_weights``; ``TrainingLoss`` is what training minimises: the
+target loss, the deep-supervision heads' and, for an embedding head, the
+discriminative loss (De Brabandere et al., below).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,11 @@ def dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1
     """1 - soft Dice over the whole tensor; ``probability`` and ``target`` in [0, 1]."""
     intersection = (probability * target).sum()
     return 1.0 - (2.0 * intersection + smooth) / (probability.sum() + target.sum() + smooth)
+
+
+def balanced_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE-with-logits (each class weighs half) plus soft Dice; ``target`` float 0/1."""
+    return weighted_bce(logits, target, True) + dice_loss(torch.sigmoid(logits), target)
 
 
 def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -122,3 +130,147 @@ def target_loss(logits: torch.Tensor, target: torch.Tensor, target_kind: str, tr
         if weights.get("ohem_mse", 0):
             total = total + weights["ohem_mse"] * ohem_mse(torch.sigmoid(channel_logits), channel_target, keep_fraction)
     return total
+
+
+# ---- embedding heads: the discriminative loss ---------------------------------------
+# De Brabandere, Neven & Van Gool 2017: vectors of one instance are pulled towards their
+# mean (within delta_var), the means of different instances pushed apart (2 * delta_dist).
+
+
+def _norm(vectors: torch.Tensor) -> torch.Tensor:
+    # sqrt at 0 has an infinite gradient; a floor of 1e-12 on the square keeps
+    # the gradient finite (0) for a perfect cluster and changes values by <= 1e-6.
+    return vectors.pow(2).sum(-1).clamp_min(1e-12).sqrt()
+
+
+def _sample_loss(
+    embeddings: torch.Tensor, instances: torch.Tensor, delta_var: float, delta_dist: float, background: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(var, dist, reg) of one sample: embeddings (E, voxels), instances (voxels,) int, 0 = background
+    (ignored, or with ``background`` one more cluster)."""
+    foreground = instances >= 0 if background else instances > 0
+    zero = embeddings.sum() * 0.0  # keeps the graph (and device, dtype) for samples without objects
+    if not bool(foreground.any()):
+        return zero, zero, zero
+    vectors = embeddings[:, foreground].t()  # (voxels, E)
+    ids, cluster = torch.unique(instances[foreground], return_inverse=True)
+    n_clusters = len(ids)
+    counts = torch.bincount(cluster, minlength=n_clusters).to(vectors.dtype)
+    means = torch.zeros(n_clusters, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+    means = means.index_add(0, cluster, vectors) / counts[:, None]
+
+    pull = torch.clamp(_norm(vectors - means[cluster]) - delta_var, min=0.0) ** 2
+    per_cluster = torch.zeros(n_clusters, dtype=vectors.dtype, device=vectors.device).index_add(0, cluster, pull)
+    var = (per_cluster / counts).mean()
+
+    if n_clusters > 1:
+        first, second = torch.triu_indices(n_clusters, n_clusters, offset=1, device=vectors.device)
+        # Each unordered pair once: the mean over c != c' is the same number.
+        push = torch.clamp(2.0 * delta_dist - _norm(means[first] - means[second]), min=0.0) ** 2
+        dist = push.mean()
+    else:
+        dist = zero
+    reg = _norm(means).mean()
+    return var, dist, reg
+
+
+def discriminative_loss(
+    embeddings: torch.Tensor,
+    instances: torch.Tensor,
+    delta_var: float = 0.5,
+    delta_dist: float = 1.5,
+    gamma: float = 1e-4,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    background: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """De Brabandere et al.'s discriminative loss and its terms.
+
+    ``embeddings``: float (B, E, z, y, x); ``instances``: int (B, z, y, x)
+    instance ids, 0 = background (excluded). Per sample:
+    var = mean over instances c of mean over its voxels of max(0, ||mu_c - x|| - delta_var)²;
+    dist = mean over pairs c != c' of max(0, 2 delta_dist - ||mu_c - mu_c'||)²;
+    reg = mean over c of ||mu_c||. Each term is averaged over the batch
+    (a sample without instances adds 0). With ``background``, the background
+    voxels (id 0) count as one more cluster, pulled together and pushed from
+    every instance, so that embeddings also tell mitochondrion from background
+    (which nearest-neighbour classification needs). Returns
+    (alpha var + beta dist + gamma reg, {"var", "dist", "reg"}), scalar tensors.
+    """
+    if embeddings.ndim != instances.ndim + 1 or embeddings.shape[0] != instances.shape[0] or embeddings.shape[2:] != instances.shape[1:]:
+        raise ValueError(f"embeddings (B, E, ...) {tuple(embeddings.shape)} and instances (B, ...) {tuple(instances.shape)} do not match")
+    batch, dim = embeddings.shape[:2]
+    terms = [
+        _sample_loss(embeddings[b].reshape(dim, -1), instances[b].reshape(-1).long(), delta_var, delta_dist, background)
+        for b in range(batch)
+    ]
+    var, dist, reg = (torch.stack(values).mean() for values in zip(*terms))
+    total = alpha * var + beta * dist + gamma * reg
+    return total, {"var": var, "dist": dist, "reg": reg}
+
+
+# ---- what training minimises -----------------------------------------------------------
+
+
+class TrainingLossParts(NamedTuple):
+    """One batch's loss and what it was computed from.
+
+    ``loss``: the scalar to minimise; ``terms``: the discriminative loss's
+    ``var``/``dist``/``reg`` (empty without an embedding head), for the log;
+    ``logits``, ``aux``, ``target``: the target channels only (the embedding
+    channels and the instance-id channel split off), for TensorBoard.
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    aux: list[torch.Tensor]
+    target: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainingLoss:
+    """The loss ``train_model`` minimises, from the network's logits and the batch's target.
+
+    target weight * (``target_loss`` of the logits + ``train.aux_loss_weight``
+    * ``target_loss`` of each auxiliary head's logits), plus, with
+    ``embedding_channels`` (an embedding head: the last output channels),
+    ``train.discriminative.weight`` * ``discriminative_loss`` of those channels
+    against the instance ids in the target's last channel. The target weight
+    is ``train.discriminative.target_weight`` with an embedding head, else 1.
+    ``train_cfg``: the ``train`` section, defaults filled.
+    """
+
+    target_kind: str
+    train_cfg: dict[str, Any]
+    embedding_channels: int = 0
+
+    def __call__(self, logits: torch.Tensor, aux: list[torch.Tensor], target: torch.Tensor) -> TrainingLossParts:
+        """``logits``/``aux``: (batch, channel, z, y, x) outputs of ``forward_with_aux``; ``target`` float, same layout."""
+        train_cfg, embedding_channels = self.train_cfg, self.embedding_channels
+        discriminative = train_cfg["discriminative"]
+        terms: dict[str, torch.Tensor] = {}
+        if embedding_channels:
+            # The last target channel holds the instance ids, the last output channels the embedding.
+            instance_ids = target[:, -1].round().long()
+            target = target[:, :-1]
+            embedding_loss, terms = discriminative_loss(
+                logits[:, -embedding_channels:].float(),
+                instance_ids,
+                discriminative["delta_var"],
+                discriminative["delta_dist"],
+                discriminative["gamma"],
+                background=discriminative["background_cluster"],
+            )
+            logits, aux = logits[:, :-embedding_channels], [a[:, :-embedding_channels] for a in aux]
+            target_weight = discriminative["target_weight"]
+        else:
+            target_weight = 1.0
+        loss = target_weight * target_loss(logits.float(), target, self.target_kind, train_cfg)
+        for aux_logits in aux:
+            loss = loss + target_weight * train_cfg["aux_loss_weight"] * target_loss(
+                aux_logits.float(), target, self.target_kind, train_cfg
+            )
+        if embedding_channels:
+            loss = loss + discriminative["weight"] * embedding_loss
+        return TrainingLossParts(loss, terms, logits, aux, target)

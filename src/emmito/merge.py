@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from emmito import blocks
+from emmito import blocks, contract
 from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
 
 # Attributes create_volume writes itself; every other chunk attribute is copied.
-OWN_ATTRS = ("offset", "voxel_size", "emmito_version")
+OWN_ATTRS = contract.BASE_KEYS
+# What must be the same across the chunks of a block: the heat-file attributes and the voxel size.
+CONSISTENT_ATTRS = (*contract.HEAT_KEYS, contract.VOXEL_SIZE)
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,12 @@ def read_chunk_info(path: Path) -> ChunkInfo:
             raise EmmitoError(
                 f"{path}: {ds.dtype} {tuple(ds.shape)} is not a uint8 (channel, z, y, x) heatmap: rerun emmito infer for it"
             )
-        if "volume_depth" not in attrs:
-            raise EmmitoError(f"{path}: no 'volume_depth' attribute: it was not written by emmito infer; rerun infer for it")
-        return ChunkInfo(path, attrs["offset"], attrs["offset"] + ds.shape[1], tuple(ds.shape), attrs)
+        if contract.volume_depth(attrs) is None:
+            raise EmmitoError(
+                f"{path}: no '{contract.VOLUME_DEPTH}' attribute: it was not written by emmito infer; rerun infer for it"
+            )
+        start = contract.offset(attrs)
+        return ChunkInfo(path, start, start + ds.shape[1], tuple(ds.shape), attrs)
 
 
 def check_consistent(chunks: list[ChunkInfo]) -> None:
@@ -113,7 +118,7 @@ def check_consistent(chunks: list[ChunkInfo]) -> None:
                 f"{chunk.path}: (channel, y, x) is {(chunk.shape[0], *chunk.shape[2:])}, but {first.path} has "
                 f"{(first.shape[0], *first.shape[2:])}: the chunks come from different volumes or runs; rerun emmito infer"
             )
-        for key in ("volume_depth", "downsample_xy", "channels", "voxel_size"):
+        for key in CONSISTENT_ATTRS:
             if _plain(chunk.attrs.get(key)) != _plain(first.attrs.get(key)):
                 raise EmmitoError(
                     f"{chunk.path}: attribute {key} = {chunk.attrs.get(key)!r}, but {first.path} has "
@@ -126,26 +131,26 @@ def _plain(value: Any) -> Any:
 
 
 def merge_block(
-    out: Path, chunk_paths: list[Path], block_index: int, chunk_slices: int, block_slices: int, block_overlap: int,
-    progress: bool = False,
+    out: Path, chunk_paths: list[Path], block_index: int, layout: blocks.Layout, progress: bool = False
 ) -> None:
     """Write ``out`` (heat/block_{b}.h5): uint8 (channel, z, y, x) of block ``block_index``'s slices.
 
-    Reads the chunk files one at a time; attributes are copied from the chunks,
-    ``offset`` is the block's first slice.
+    ``layout`` gives the chunk and block cutting; the volume's depth is taken
+    from the chunks. Reads the chunk files one at a time; attributes are copied
+    from the chunks, ``offset`` is the block's first slice.
     """
     chunks = [read_chunk_info(Path(p)) for p in chunk_paths]
     check_consistent(chunks)
-    depth = int(chunks[0].attrs["volume_depth"])
-    block_start, block_stop = blocks.block_range(block_index, block_slices, block_overlap, depth)
+    layout = layout.with_depth(contract.volume_depth(chunks[0].attrs))
+    block_start, block_stop = layout.block_range(block_index)
     steps = plan_copies(
-        [(c.start, c.stop) for c in chunks], block_start, block_stop, chunk_slices, [str(c.path) for c in chunks]
+        [(c.start, c.stop) for c in chunks], block_start, block_stop, layout.chunk_slices, [str(c.path) for c in chunks]
     )
     first = chunks[0]
     shape = (first.shape[0], block_stop - block_start, *first.shape[2:])
     extra = {k: v for k, v in first.attrs.items() if k not in OWN_ATTRS}
     with create_volume(
-        out, shape, np.uint8, voxel_size=first.attrs["voxel_size"], offset=block_start, attrs=extra
+        out, shape, np.uint8, voxel_size=contract.voxel_size(first.attrs), offset=block_start, attrs=extra
     ) as block:
         for step in tqdm(steps, desc="merge", unit="chunk", file=sys.stderr, disable=not progress):
             chunk = chunks[step.chunk]
@@ -156,12 +161,4 @@ def merge_block(
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito merge OUT CHUNK... --block B``."""
-    merge_block(
-        args.out,
-        list(args.chunks),
-        args.block,
-        params["infer"]["chunk_slices"],
-        params["merge"]["block_slices"],
-        params["merge"]["block_overlap"],
-        progress=True,
-    )
+    merge_block(args.out, list(args.chunks), args.block, blocks.Layout.from_config(params), progress=True)

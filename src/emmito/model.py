@@ -17,17 +17,25 @@ coarser decoder levels (deep supervision, as unetv3) are trained through
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from emmito import contract
 from emmito.embedding import DEFAULT_EMBEDDING_RANGE, embedding_channel_names, embedding_logits
 from emmito.io import EmmitoError
 from emmito.targets import TARGET_CHANNELS, output_to_probability, target_channels
 
-__all__ = ["TARGET_CHANNELS", "output_to_probability", "target_channels", "UNet3D", "build_model", "output_channels", "heat_model"]
+__all__ = [
+    "TARGET_CHANNELS", "output_to_probability", "target_channels", "UNet3D", "build_model", "output_channels", "heat_model",
+    "load_checkpoint",
+]
 
 # The model-config keys that fix the architecture; a checkpoint must agree with the config on these.
 ARCHITECTURE_KEYS = (
@@ -250,3 +258,55 @@ class ProbabilityLogits(nn.Module):
 def heat_model(model: nn.Module, model_cfg: dict[str, Any]) -> ProbabilityLogits:
     """``model`` wrapped for inference: sigmoid of its output = the heat of every channel in ``output_channels``."""
     return ProbabilityLogits(model, model_cfg["target"], embedding_dim(model_cfg))
+
+
+# ---- checkpoints ------------------------------------------------------------------
+
+
+@functools.cache
+def _checkpoint_model_defaults() -> dict[str, Any]:
+    """The schema's ``model`` defaults: what a checkpoint written before a model key existed was trained with.
+
+    Looked up once per process (the package's own schema, not a user's config),
+    at this one named point: ``load_checkpoint`` fills old checkpoints'
+    ``model_config`` from it. Nothing else in this module reads the schema.
+    """
+    from emmito.config import section_defaults
+
+    return section_defaults("model")
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model_cfg: dict[str, Any] | None = None, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``path`` (written by ``emmito train``) -> (model on ``device`` in eval mode, the checkpoint dict).
+
+    The model is wrapped by ``heat_model``: sigmoid of its output is every channel's heat.
+    With ``model_cfg``, refuse a checkpoint whose architecture differs from it
+    (EmmitoError naming the checkpoint and the key). Missing or corrupt files
+    raise a one-line EmmitoError (``contract.read_checkpoint``).
+    """
+    path = Path(path)
+    checkpoint = contract.read_checkpoint(path)
+    defaults = copy.deepcopy(_checkpoint_model_defaults())
+    trained = {**defaults, **checkpoint[contract.CHECKPOINT_MODEL_CONFIG]}
+    if model_cfg is not None:
+        for key in ARCHITECTURE_KEYS:
+            old, new = trained.get(key, defaults[key]), model_cfg.get(key, defaults[key])
+            if old != new:
+                raise EmmitoError(
+                    f"{path} was trained with model.{key}={_show(old)}, the config says {_show(new)}: retrain or fix the config"
+                )
+    model = build_model(trained)
+    try:
+        model.load_state_dict(checkpoint[contract.CHECKPOINT_STATE])
+    except RuntimeError as exc:
+        raise EmmitoError(f"{path}: its weights do not fit its model_config ({str(exc).splitlines()[0][:120]}): the file is corrupt; retrain") from None
+    # predict_slices applies a sigmoid; the wrapper makes that the right heat for every
+    # channel (a tanh output for skeleton_distance, embeddings), exactly as training validates.
+    model = heat_model(model, trained)
+    return model.to(device).eval(), checkpoint
+
+
+def _show(value: Any) -> str:
+    return str(list(value)).replace(" ", "") if isinstance(value, (list, tuple)) else str(value)

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from emmito.io import EmmitoError, atomic_path, open_volume, read_json
+from emmito import contract
+from emmito.io import EmmitoError, atomic_path, open_volume, read_json, volume_attrs
+from emmito.resampling import mean_downsample
 
 # Overlays are shown at most this many pixels wide or high; coarser levels of
 # seg.h5's pyramid are read when they are large enough, so a 4k slice costs a 1k read.
@@ -245,21 +247,20 @@ def _read_overlay_slices(seg_path: Path, image_path: Path, slices: list[int]) ->
     """The shown slices of image and segmentation, reduced to at most OVERLAY_PIXELS, and the reduction factor.
 
     The segmentation comes from the coarsest pyramid level of seg.h5 that is
-    still at least OVERLAY_PIXELS (or the nearest stride of main); the image is
-    strided to match.
+    still at least OVERLAY_PIXELS (or the nearest stride of the full resolution);
+    the image is strided to match.
     """
     import h5py
 
-    from emmito.export import mean_downsample
-
-    with open_volume(seg_path) as main, open_volume(image_path) as image:
-        if tuple(main.shape) != tuple(image.shape):
-            raise EmmitoError(f"{seg_path} is {tuple(main.shape)} but {image_path} is {tuple(image.shape)}: they are of different volumes")
-        size = max(main.shape[1:])
+    with open_volume(seg_path) as full, open_volume(image_path) as image:
+        if tuple(full.shape) != tuple(image.shape):
+            raise EmmitoError(f"{seg_path} is {tuple(full.shape)} but {image_path} is {tuple(image.shape)}: they are of different volumes")
+        size = max(full.shape[1:])
+        levels = contract.pyramid_levels(full.file)
         level = 0
-        while size / 2 ** (level + 1) >= OVERLAY_PIXELS and f"s{level + 1}" in main.file:
+        while size / 2 ** (level + 1) >= OVERLAY_PIXELS and level + 1 < len(levels):
             level += 1
-        seg_source: h5py.Dataset = main if level == 0 else main.file[f"s{level}"]
+        seg_source: h5py.Dataset = full.file[levels[level]]
         factor = 2**level
         extra = max(1, math.ceil(max(seg_source.shape[1:]) / OVERLAY_PIXELS))
         images, labels = [], []
@@ -278,7 +279,7 @@ def report_volume(seg_path: Path, image_path: Path, trace_path: Path, overlays_p
     objects = record.get("objects", {})
     with open_volume(seg_path) as seg:
         depth = seg.shape[0]
-        voxel_size = [float(v) for v in seg.attrs.get("voxel_size", [1.0, 1.0, 1.0])]
+        voxel_size = contract.voxel_size(volume_attrs(seg))
     slices = overlay_slices(objects, depth, count)
     images, labels, factor = _read_overlay_slices(seg_path, image_path, slices)
     plot_overlays(images, labels, slices, voxel_size[2] * factor, overlays_png)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from emmito import config as cfg
+from emmito import contract
 
 METRIC_ROWS = (
     ("instance F1@IoU", "instance_f1", "iou_threshold"),
@@ -20,32 +21,35 @@ METRIC_ROWS = (
 )
 
 
-def summarize(config: dict[str, Any], results: Path = Path("results")) -> str:
-    """A short text report of every segmented volume: objects, metrics and output paths."""
+def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) -> str:
+    """A short text report of every segmented volume: objects, metrics and output paths.
+
+    ``results``: the results root of the run (``contract.Results``' root).
+    """
+    layout = contract.Results(str(results))
+    model = config["model"]["name"]
     lines = []
-    model_dir = results / "model" / config["model"]["name"]
-    lines.append(f"model      {model_dir / 'checkpoint.pt'}  (training log: {model_dir / 'metrics.jsonl'})")
+    lines.append(f"model      {Path(layout.checkpoint(model))}  (training log: {Path(layout.training_log(model))})")
     for vol in config["infer"]["volumes"]:
-        base = results / vol
         lines.append("")
         lines.append(f"volume '{vol}'")
-        id_map = base / "trace.json"
+        id_map = Path(layout.id_map(vol))
         if id_map.exists():
             objects = json.loads(id_map.read_text()).get("objects", {})
             lines.append(f"  objects found        {len(objects)}")
+        metrics_path, ng = Path(layout.metrics(vol)), Path(layout.neuroglancer(vol))
         for label, path in (
-            ("segmentation", base / "seg.h5"),
+            ("segmentation", Path(layout.seg(vol))),
             ("id map", id_map),
-            ("metrics", base / "metrics.json"),
-            ("neuroglancer export", base / "ng"),
-            ("report plots", base / "report"),
-            ("logs", results / "logs"),
+            ("metrics", metrics_path),
+            ("neuroglancer export", ng),
+            ("report plots", Path(layout.report_dir(vol))),
+            ("logs", Path(layout.logs())),
         ):
             state = "" if path.exists() else "  (missing: run snakemake)"
             lines.append(f"  {label:<20} {path}{state}")
-        if (base / "ng").exists():
-            lines.append(f"  {'look at it':<20} emmito view {base / 'ng'}")
-        metrics_path = base / "metrics.json"
+        if ng.exists():
+            lines.append(f"  {'look at it':<20} emmito view {ng}")
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
             for name, key, extra in METRIC_ROWS:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ from scipy import sparse
 from scipy.sparse import csgraph
 from tqdm import tqdm
 
-from emmito import blocks
+from emmito import contract
+from emmito.blocks import Layout
 from emmito.io import EmmitoError, create_volume, open_volume, read_volume, volume_attrs, write_json
-from emmito.segment import apply_lut
+from emmito.labels import apply_lut
 
 # Reads slices [start, stop) (block-local indices) of block b: (b, start, stop) -> uint32 (z, y, x).
 BlockReader = Callable[[int, int, int], np.ndarray]
@@ -152,46 +153,30 @@ def owned_statistics(owned: np.ndarray, z_offset: int) -> OwnedStatistics:
     return OwnedStatistics(ids[starts].astype(np.int64), voxel_counts, boxes)
 
 
-@dataclass
-class TraceLayout:
-    """Where each block sits in the volume."""
+def shared_slab(layout: Layout, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Block-local slice ranges of the slab that blocks b and b+1 both see: (in b, in b+1).
 
-    depth: int
-    block_slices: int
-    block_overlap: int
-    n_blocks: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.n_blocks = blocks.count(self.depth, self.block_slices)
-
-    def own_range(self, b: int) -> tuple[int, int]:
-        return blocks.block_own_range(b, self.block_slices, self.depth)
-
-    def block_range(self, b: int) -> tuple[int, int]:
-        return blocks.block_range(b, self.block_slices, self.block_overlap, self.depth)
-
-    def shared_slab(self, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Block-local slice ranges of the slab that blocks b and b+1 both see: (in b, in b+1).
-
-        Without overlap, the last slice of b is compared with the first of b+1
-        (adjacent slices, as the original pipeline did).
-        """
-        own_start, own_stop = self.own_range(b)
-        start, stop = self.block_range(b)
-        if stop > own_stop:
-            return (own_stop - start, stop - start), (0, stop - own_stop)
-        return (own_stop - start - 1, own_stop - start), (0, 1)
+    Without overlap, the last slice of b is compared with the first of b+1
+    (adjacent slices, as the original pipeline did).
+    """
+    own_start, own_stop = layout.block_own_range(b)
+    start, stop = layout.block_range(b)
+    if stop > own_stop:
+        return (own_stop - start, stop - start), (0, stop - own_stop)
+    return (own_stop - start - 1, own_stop - start), (0, 1)
 
 
 def trace(
     read_block: BlockReader,
-    layout: TraceLayout,
+    layout: Layout,
     criterion: str,
     threshold: float,
     write_slab: Callable[[int, np.ndarray], None],
     progress: bool = False,
 ) -> dict[str, Any]:
     """Trace all blocks: calls ``write_slab(z_start, global_ids)`` for each block's owned slices.
+
+    ``layout`` (with the volume's depth) says where each block sits.
 
     Returns the trace record: {"blocks", "objects", "id_map"} (see trace.json).
     """
@@ -201,13 +186,13 @@ def trace(
     previous_tail: np.ndarray | None = None
     for b in tqdm(range(layout.n_blocks), desc="trace: match", unit="block", file=sys.stderr, disable=not progress):
         start, stop = layout.block_range(b)
-        own_start, own_stop = layout.own_range(b)
+        own_start, own_stop = layout.block_own_range(b)
         labels = read_block(b, 0, stop - start)
         if previous_tail is not None:
-            head_range = layout.shared_slab(b - 1)[1]
+            head_range = shared_slab(layout, b - 1)[1]
             matches.append(match_overlap(previous_tail, labels[head_range[0] : head_range[1]], criterion, threshold))
         if b + 1 < layout.n_blocks:
-            tail_range = layout.shared_slab(b)[0]
+            tail_range = shared_slab(layout, b)[0]
             previous_tail = labels[tail_range[0] : tail_range[1]].copy()
         owned_stats.append(owned_statistics(labels[: own_stop - own_start], own_start))
         # Ids seen anywhere in the block: the owned ones and those of the overlap past them.
@@ -232,7 +217,7 @@ def trace(
             spans[g].add(b)
 
     for b in tqdm(range(layout.n_blocks), desc="trace: write", unit="block", file=sys.stderr, disable=not progress):
-        own_start, own_stop = layout.own_range(b)
+        own_start, own_stop = layout.block_own_range(b)
         owned = np.ascontiguousarray(read_block(b, 0, own_stop - own_start), dtype=np.uint32)
         ids = owned_stats[b].ids
         lut = np.zeros(int(ids[-1]) + 1 if len(ids) else 1, dtype=np.uint32)
@@ -261,7 +246,7 @@ def trace_arrays(
     The volume is uint32 (depth, y, x) global ids; the record is trace.json's content.
     """
     depth = (len(block_labels) - 1) * block_slices + block_labels[-1].shape[0]
-    layout = TraceLayout(depth, block_slices, block_overlap)
+    layout = Layout.of_blocks(block_slices, block_overlap, depth)
     for b, labels in enumerate(block_labels):
         start, stop = layout.block_range(b)
         if labels.shape[0] != stop - start:
@@ -275,28 +260,31 @@ def trace_arrays(
     return volume, record
 
 
-def check_blocks(paths: list[Path], block_slices: int, block_overlap: int) -> tuple[list[Path], dict[str, Any], tuple[int, int]]:
-    """Order the block files by offset and check they are all of one volume's blocks.
+def _block_header(path: Path) -> tuple[int, Path, dict[str, Any], tuple[int, ...]]:
+    """(offset, path, attributes, shape) of one label block, checked to be a uint (z, y, x) block from segment."""
+    with open_volume(path) as ds:
+        attrs = volume_attrs(ds)
+        if ds.ndim != 3 or ds.dtype.kind != "u" or ds.dtype.itemsize > 4:
+            raise EmmitoError(f"{path}: {ds.dtype} {tuple(ds.shape)} is not a uint32 (z, y, x) label block: rerun emmito segment for it")
+        if contract.volume_depth(attrs) is None:
+            raise EmmitoError(f"{path}: no '{contract.VOLUME_DEPTH}' attribute: rerun emmito segment for it")
+        return contract.offset(attrs), path, attrs, tuple(ds.shape)
+
+
+def check_blocks(paths: list[Path], layout: Layout) -> tuple[list[Path], dict[str, Any], tuple[int, int]]:
+    """Order the block files by offset and check they are all of one volume's blocks, cut as ``layout`` says.
 
     Returns the ordered paths, the first block's attributes and the (y, x) shape.
     """
-    headers = []
-    for path in paths:
-        with open_volume(path) as ds:
-            attrs = volume_attrs(ds)
-            if ds.ndim != 3 or ds.dtype.kind != "u" or ds.dtype.itemsize > 4:
-                raise EmmitoError(f"{path}: {ds.dtype} {tuple(ds.shape)} is not a uint32 (z, y, x) label block: rerun emmito segment for it")
-            if "volume_depth" not in attrs:
-                raise EmmitoError(f"{path}: no 'volume_depth' attribute: rerun emmito segment for it")
-            headers.append((attrs["offset"], path, attrs, tuple(ds.shape)))
-    headers.sort(key=lambda h: h[0])
-    depth = int(headers[0][2]["volume_depth"])
-    n_blocks = blocks.count(depth, block_slices)
+    headers = sorted((_block_header(path) for path in paths), key=lambda h: h[0])
+    depth = contract.volume_depth(headers[0][2])
+    layout = layout.with_depth(depth)
+    block_slices, block_overlap = layout.block_slices, layout.block_overlap
     by_index: dict[int, tuple] = {}
     for offset, path, attrs, shape in headers:
-        if int(attrs["volume_depth"]) != depth or shape[1:] != headers[0][3][1:]:
+        if contract.volume_depth(attrs) != depth or shape[1:] != headers[0][3][1:]:
             raise EmmitoError(
-                f"{path}: volume_depth {attrs['volume_depth']} and (y, x) {shape[1:]} differ from {headers[0][1]}'s "
+                f"{path}: {contract.VOLUME_DEPTH} {attrs[contract.VOLUME_DEPTH]} and (y, x) {shape[1:]} differ from {headers[0][1]}'s "
                 f"({depth}, {headers[0][3][1:]}): the blocks come from different volumes; rerun emmito segment"
             )
         if offset % block_slices:
@@ -305,7 +293,7 @@ def check_blocks(paths: list[Path], block_slices: int, block_overlap: int) -> tu
                 f"the blocks were made with another block size; rerun merge and segment, or fix merge.block_slices"
             )
         index = offset // block_slices
-        start, stop = blocks.block_range(index, block_slices, block_overlap, depth)
+        start, stop = layout.block_range(index)
         if shape[0] != stop - start:
             raise EmmitoError(
                 f"{path}: holds {shape[0]} slices, but block {index} with merge.block_overlap {block_overlap} "
@@ -314,41 +302,53 @@ def check_blocks(paths: list[Path], block_slices: int, block_overlap: int) -> tu
         if index in by_index:
             raise EmmitoError(f"{path} and {by_index[index][0]} are both block {index}: pass each block once")
         by_index[index] = (path, attrs)
-    missing = [b for b in range(n_blocks) if b not in by_index]
+    missing = [b for b in range(layout.n_blocks) if b not in by_index]
     if missing:
         raise EmmitoError(
-            f"block(s) {', '.join(map(str, missing))} of {n_blocks} missing (e.g. seg/block_{missing[0]}.h5): "
+            f"block(s) {', '.join(map(str, missing))} of {layout.n_blocks} missing (e.g. seg/block_{missing[0]}.h5): "
             f"pass all blocks of the volume, running emmito segment for the missing ones first"
         )
-    ordered = [by_index[b][0] for b in range(n_blocks)]
+    ordered = [by_index[b][0] for b in range(layout.n_blocks)]
     return ordered, by_index[0][1], headers[0][3][1:]
 
 
 def trace_files(
-    out: Path, id_map_path: Path, block_paths: list[Path], params: dict[str, Any], progress: bool = False
+    out: Path,
+    id_map_path: Path,
+    block_paths: list[Path],
+    layout: Layout,
+    criterion: str,
+    threshold: float,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Trace seg/block_*.h5 into ``out`` (seg_infer.h5, uint32 (depth, y, x)) and ``id_map_path`` (trace.json)."""
-    block_slices = params["merge"]["block_slices"]
-    block_overlap = params["merge"]["block_overlap"]
-    ordered, attrs, shape_yx = check_blocks([Path(p) for p in block_paths], block_slices, block_overlap)
-    depth = int(attrs["volume_depth"])
-    layout = TraceLayout(depth, block_slices, block_overlap)
+    """Trace seg/block_*.h5 into ``out`` (seg_infer.h5, uint32 (depth, y, x)) and ``id_map_path`` (trace.json).
+
+    ``layout``: the block cutting (the volume's depth is taken from the blocks);
+    ``criterion`` and ``threshold``: how overlap objects are matched (``match_overlap``).
+    """
+    ordered, attrs, shape_yx = check_blocks([Path(p) for p in block_paths], layout)
+    layout = layout.with_depth(contract.volume_depth(attrs))
 
     def read_block(b: int, start: int, stop: int) -> np.ndarray:
         return read_volume(ordered[b], start, stop)[0]
 
-    kept = {k: attrs[k] for k in ("volume_depth", "downsample_xy") if k in attrs}
-    with create_volume(out, (depth, *shape_yx), np.uint32, voxel_size=attrs["voxel_size"], offset=0, attrs=kept) as ds:
+    kept = contract.frame_attrs(attrs)
+    shape = (layout.depth, *shape_yx)
+    with create_volume(out, shape, np.uint32, voxel_size=contract.voxel_size(attrs), offset=0, attrs=kept) as ds:
 
         def write_slab(z_start: int, slab: np.ndarray) -> None:
             ds[z_start : z_start + slab.shape[0]] = slab
 
-        record = trace(read_block, layout, params["trace"]["criterion"], params["trace"]["threshold"], write_slab, progress)
+        record = trace(read_block, layout, criterion, threshold, write_slab, progress)
     write_json(id_map_path, record)
     return record
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito trace OUT ID_MAP BLOCK...``."""
-    record = trace_files(args.out, args.id_map, list(args.blocks), params, progress=True)
+    merge, section = params["merge"], params["trace"]
+    layout = Layout.of_blocks(merge["block_slices"], merge["block_overlap"])
+    record = trace_files(
+        args.out, args.id_map, list(args.blocks), layout, section["criterion"], section["threshold"], progress=True
+    )
     print(f"emmito trace: {len(record['objects'])} objects across {record['blocks']} blocks", file=sys.stderr)

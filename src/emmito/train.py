@@ -1,16 +1,19 @@
 """Training: random patches of proofread volumes -> a U-Net checkpoint and a metrics log.
 
-Images are mean-pooled by ``infer.downsample_xy`` (with infer's own
-``mean_pool_xy``) and labels mode-pooled, so the network trains at the scale
-it infers at. Targets (``model.target``, see ``emmito.targets``) are computed
-once per volume at that scale; patches are drawn at random (a fraction centred
-on a labelled voxel) and augmented (``emmito.augment``). Losses per target are
-weighted by ``train.loss_weights`` (``emmito.losses``); optional auxiliary
-heads add ``train.aux_loss_weight`` times the same loss. AdamW, linear warm-up
-then cosine decay, gradient clipping; AMP on CUDA only.
+Images are mean-pooled by ``infer.downsample_xy`` and labels mode-pooled
+(``resampling.pool_pair``, the pooling ``infer`` applies), so the network
+trains at the scale it infers at. Targets (``model.target``, see
+``emmito.targets``) are computed once per volume at that scale; patches are
+drawn at random (a fraction centred on a labelled voxel) and augmented
+(``emmito.augment``). The loss (``losses.TrainingLoss``) weighs the losses per
+target by ``train.loss_weights``; optional auxiliary heads add
+``train.aux_loss_weight`` times the same loss, an embedding head the
+discriminative loss. AdamW, linear warm-up then cosine decay, gradient
+clipping; AMP on CUDA only.
 Validation runs the same sliding-window inference as ``emmito infer``
-(``infer.predict_slices``) on whole validation volumes, logs voxel IoU and
-instance F1 (after ``segment``), and keeps the weights with the best IoU.
+(``prediction.predict_volume``) on whole validation volumes, logs voxel IoU and
+instance F1 (after the heat_watershed decoder, ``decoders.segment_block``), and
+keeps the weights with the best IoU.
 
 On CPU the same config and seed give a byte-identical checkpoint: one seeded
 numpy Generator draws every patch and augmentation, torch is seeded and runs
@@ -31,8 +34,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +46,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from emmito import __version__
+from emmito import __version__, contract
 from emmito.augment import augment_patch
-from emmito.infer import DEFAULT_INPUT_NORM, autocast, job_threads, mean_pool_xy, pick_device, predict_slices, to_heat
+from emmito.decoders import segment_block
+from emmito.embedding import build_support_set, heat_to_embeddings
 from emmito.io import EmmitoError, atomic_path, read_volume
-from emmito.embedding import build_support_set, discriminative_loss, heat_to_embeddings, save_support_set
-from emmito.losses import target_loss, weighted_bce, dice_loss
-from emmito.model import build_model, check_patch, embedding_dim, heat_model, output_channels
-from emmito.targets import binary_target, make_target, touching_border  # noqa: F401  (re-exported)
-from emmito.upsample import downsample_mode
+from emmito.losses import TrainingLoss, TrainingLossParts
+from emmito.metrics import instance_f1, voxel_iou
+from emmito.model import build_model, check_patch, embedding_dim, output_channels
+from emmito.prediction import DEFAULT_INPUT_NORM, predict_volume, to_heat
+from emmito.resampling import pool_pair
+from emmito.runtime import autocast, pick_device, thread_count
+from emmito.targets import make_target
 
 GRADIENT_CLIP_NORM = 1.0
-
-
-def pool_volume(image: np.ndarray, label: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8, label uint32) (z, y, x) -> the inference scale: image mean-pooled by ``factor`` in y, x
-    (float32 0-255, exactly as ``infer`` pools), label mode-pooled (uint32, ceil(y/factor), ceil(x/factor)).
-    """
-    if factor == 1:
-        return image, label
-    pooled_image = mean_pool_xy(image, factor)
-    pooled_label = label
-    for _ in range(int(round(math.log2(factor)))):
-        pooled_label = downsample_mode(pooled_label)
-    return pooled_image, pooled_label
 
 
 class PatchSampler:
@@ -136,44 +131,6 @@ def learning_rate_factor(iteration: int, warmup: int, total: int, progress: floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def balanced_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Class-balanced BCE-with-logits (each class weighs half) plus soft Dice; ``target`` float 0/1."""
-    return weighted_bce(logits, target, True) + dice_loss(torch.sigmoid(logits), target)
-
-
-def voxel_iou(probability: np.ndarray, label: np.ndarray, threshold: float = 0.5) -> tuple[int, int]:
-    """(intersection, union) voxel counts of ``probability > threshold`` against ``label > 0``."""
-    predicted, truth = probability > threshold, label != 0
-    return int(np.count_nonzero(predicted & truth)), int(np.count_nonzero(predicted | truth))
-
-
-def predict_volume(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    params: dict[str, Any],
-    device: torch.device | str,
-    input_norm: dict[str, float] | None = None,
-    tta: int = 1,
-) -> np.ndarray:
-    """float32 (channel, z, y, x) heat in [0, 1] of every output channel (``model.output_channels``) of a whole
-    in-memory (z, y, x) volume already at the inference scale, by ``infer``'s sliding window (``tta`` variants)."""
-    return predict_slices(
-        heat_model(model, params["model"]),
-        lambda a, b: image[a:b],
-        image.shape[0],
-        0,
-        image.shape[0],
-        params["model"]["patch"],
-        params["infer"]["tile_overlap"],
-        params["infer"]["batch_size"],
-        device,
-        input_norm=input_norm,
-        blend_sigma=params["infer"]["blend_sigma"],
-        progress=False,
-        tta=tta,
-    )
-
-
 def validate(
     model: torch.nn.Module,
     volumes: list[tuple[np.ndarray, np.ndarray]],
@@ -184,19 +141,16 @@ def validate(
     """{"val_iou", "val_f1"} over the validation volumes (at the inference scale), by sliding-window inference.
 
     IoU: the first channel at probability 0.5 against label > 0, voxels summed
-    over volumes. F1: instance F1 at IoU 0.5 of ``segment`` (heat_watershed on
-    the first channel, ``params["segment"]``), averaged over volumes.
+    over volumes. F1: instance F1 at IoU 0.5 of the heat_watershed decoder on
+    the first channel (``params["segment"]``, a complete section), averaged over volumes.
     """
-    from emmito.evaluate import instance_f1
-    from emmito.segment import segment_block
-
     intersection = union = 0
     scores = []
     for image, label in volumes:
         probability = predict_volume(model, image, params, device, input_norm)
         i, u = voxel_iou(probability[0], label)
         intersection, union = intersection + i, union + u
-        labels = segment_block(to_heat(probability[0]), params.get("segment"))
+        labels = segment_block(to_heat(probability[0]), params["segment"])
         scores.append(instance_f1(labels, label))
     model.train()
     return {"val_iou": intersection / union if union else 1.0, "val_f1": float(np.mean(scores)) if scores else 0.0}
@@ -206,18 +160,15 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+# ---- the resume state ---------------------------------------------------------------------
+# train's own scratch file beside the checkpoint: everything a rerun needs to continue exactly.
+
+
 def config_digest(params: dict[str, Any]) -> str:
     """Hash of the settings a resume state must share with the run that continues it."""
     relevant = {k: params.get(k) for k in ("seed", "model", "train")}
-    relevant["downsample_xy"] = params["infer"]["downsample_xy"]
+    relevant[contract.DOWNSAMPLE_XY] = params["infer"][contract.DOWNSAMPLE_XY]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
 
 
 def _load_state(path: Path, digest: str) -> dict[str, Any] | None:
@@ -232,6 +183,123 @@ def _load_state(path: Path, digest: str) -> dict[str, Any] | None:
         print(f"emmito train: {path} is from another config; starting from scratch", file=sys.stderr)
         return None
     return state
+
+
+# ---- one run: batches, steps, the log ---------------------------------------------------------
+
+
+def assemble_batch(
+    sampler: PatchSampler, rng: np.random.Generator, train_cfg: dict[str, Any], input_norm: dict[str, float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch: (inputs float32 (batch, 1, z, y, x), targets float32 (batch, channel, z, y, x)) on ``device``.
+
+    ``train.batch_size`` patches drawn from ``sampler``, normalised, then augmented where
+    ``train.augment``; every draw is from ``rng``, in that order.
+    """
+    images, targets = [], []
+    for _ in range(train_cfg["batch_size"]):
+        image, target = sampler.sample(rng)
+        image = (image.astype(np.float32) - input_norm["mean"]) / input_norm["std"]
+        if train_cfg["augment"]:
+            image, target = augment_patch(image, np.array(target, dtype=np.float32), rng, train_cfg)
+        images.append(np.ascontiguousarray(image, dtype=np.float32))
+        targets.append(np.ascontiguousarray(target, dtype=np.float32))
+    inputs = torch.from_numpy(np.stack(images))[:, None].to(device)
+    return inputs, torch.from_numpy(np.stack(targets)).to(device)
+
+
+class _Run:
+    """One training run's moving parts: the sampler and its Generator, the model and what steps it, the log so far.
+
+    ``resume_state``/``restore`` hold and give back all of it (with torch's RNG),
+    so that a rerun continues exactly where a preempted one stopped.
+    """
+
+    def __init__(self, train_volumes: list[tuple[np.ndarray, np.ndarray]], params: dict[str, Any], device: torch.device):
+        model_cfg, train_cfg = params["model"], params["train"]
+        self.train_cfg, self.device = train_cfg, device
+        self.rng = np.random.default_rng(params["seed"])
+        embedding_channels = embedding_dim(model_cfg)
+        self.sampler = PatchSampler(
+            train_volumes,
+            model_cfg["patch"],
+            train_cfg["foreground_fraction"],
+            model_cfg["target"],
+            model_cfg["contour_width"],
+            instances=embedding_channels > 0,
+        )
+        self.loss = TrainingLoss(model_cfg["target"], train_cfg, embedding_channels)
+        self.model = build_model(model_cfg).to(device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
+        self.total = train_cfg["iterations"]
+        self.budget_seconds = train_cfg["max_minutes"] * 60.0
+        self.schedule_progress: float | None = None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda it: learning_rate_factor(it, train_cfg["warmup_iterations"], self.total, self.schedule_progress),
+        )
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.metrics: list[dict[str, Any]] = []
+        self.best_iou, self.best_iteration, self.best_state = -1.0, self.total, None
+        self.first, self.elapsed_before = 1, 0.0
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a resume state (``resume_state``'s dict)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.metrics, self.first, self.elapsed_before = state["metrics"], state["iteration"] + 1, state["elapsed"]
+        self.best_iou, self.best_iteration, self.best_state = state["best_iou"], state["best_iteration"], state["best_state"]
+
+    def resume_state(self, digest: str, iteration: int, elapsed: float) -> dict[str, Any]:
+        """Everything a rerun needs to continue after ``iteration`` (``elapsed`` seconds in)."""
+        return {
+            "config_digest": digest,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "iteration": iteration,
+            "elapsed": elapsed,
+            "metrics": self.metrics,
+            "best_iou": self.best_iou,
+            "best_iteration": self.best_iteration,
+            "best_state": self.best_state,
+        }
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, TrainingLossParts]:
+        """One optimiser step on a batch: (the learning rate it ran at, the loss and its parts)."""
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            logits, aux = self.model.forward_with_aux(inputs)
+        parts = self.loss(logits, aux, targets)
+        self.scaler.scale(parts.loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg["gradient_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return learning_rate, parts
+
+    def schedule(self, iteration: int, elapsed: float) -> None:
+        """Step the learning rate; with a time budget, the cosine follows the larger of time and iterations spent."""
+        if self.budget_seconds > 0:
+            warmup, total = self.train_cfg["warmup_iterations"], self.total
+            self.schedule_progress = (
+                None if iteration < warmup else min(1.0, max(elapsed / self.budget_seconds, (iteration - warmup) / max(1, total - warmup)))
+            )
+        self.scheduler.step()
+
+    def keep_if_best(self, iteration: int, val_iou: float) -> None:
+        if val_iou > self.best_iou:
+            self.best_iou, self.best_iteration, self.best_state = val_iou, iteration, _cpu_state(self.model)
 
 
 def _tensorboard_writer(log_dir: Path | None) -> Any:
@@ -260,6 +328,93 @@ def _image_grid(inputs: torch.Tensor, targets: torch.Tensor, outputs: list[torch
     return torch.cat(rows, dim=0)[None].detach().cpu().numpy()
 
 
+def _log_tensorboard(writer: Any, record: dict[str, Any], iteration: int) -> None:
+    for key in ("loss", "lr", "var", "dist", "reg", "val_iou", "val_f1"):
+        if key in record:
+            writer.add_scalar(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}", record[key], iteration)
+
+
+def _iteration_record(
+    run: _Run, iteration: int, learning_rate: float, parts: TrainingLossParts, inputs: torch.Tensor, validating: bool,
+    val_volumes: list[tuple[np.ndarray, np.ndarray]], params: dict[str, Any], input_norm: dict[str, float], writer: Any,
+) -> dict[str, Any]:
+    """The log line of one iteration: loss, learning rate, loss terms and, when ``validating``, the validation scores."""
+    record: dict[str, Any] = {"iteration": iteration, "loss": round(float(parts.loss.detach()), 6), "lr": learning_rate}
+    record.update({name: round(float(value.detach()), 6) for name, value in parts.terms.items()})
+    if validating:
+        scores = validate(run.model, val_volumes, params, run.device, input_norm)
+        record.update({k: round(v, 6) for k, v in scores.items()})
+        run.keep_if_best(iteration, scores["val_iou"])
+        if writer is not None:
+            with torch.no_grad():
+                outputs = [torch.sigmoid(parts.logits)] + [torch.sigmoid(a) for a in parts.aux]
+            writer.add_image("train/input_target_prediction_aux", _image_grid(inputs, parts.target, outputs), iteration)
+    return record
+
+
+def _train_loop(
+    run: _Run,
+    val_volumes: list[tuple[np.ndarray, np.ndarray]],
+    params: dict[str, Any],
+    input_norm: dict[str, float],
+    save_state: Callable[[int, float], None],
+    writer: Any,
+    progress: bool,
+    stop_after: int | None,
+) -> int:
+    """Iterations ``run.first`` .. ``train.iterations`` (or until ``stop_after`` / the time budget); the last one run."""
+    train_cfg = params["train"]
+    started = time.perf_counter() - run.elapsed_before
+    last_iteration = run.first - 1
+    bar = tqdm(range(run.first, run.total + 1), desc="train", unit="it", file=sys.stderr, disable=not progress)
+    for iteration in bar:
+        inputs, targets = assemble_batch(run.sampler, run.rng, train_cfg, input_norm, run.device)
+        learning_rate, parts = run.step(inputs, targets)
+        elapsed = time.perf_counter() - started
+        run.schedule(iteration, elapsed)
+        out_of_time = run.budget_seconds > 0 and elapsed >= run.budget_seconds
+        validating = bool(val_volumes) and (iteration % train_cfg["val_every"] == 0 or iteration == run.total or out_of_time)
+        record = _iteration_record(run, iteration, learning_rate, parts, inputs, validating, val_volumes, params, input_norm, writer)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        run.metrics.append(record)
+        if writer is not None:
+            _log_tensorboard(writer, record, iteration)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val_iou": f"{record['val_iou']:.3f}"} if "val_iou" in record else {}))
+        last_iteration = iteration
+        if stop_after is not None and iteration >= stop_after:
+            save_state(iteration, time.perf_counter() - started)
+            break
+        if iteration % train_cfg["save_every"] == 0:
+            save_state(iteration, time.perf_counter() - started)
+        if out_of_time:
+            break
+    return last_iteration
+
+
+def _checkpoint(run: _Run, params: dict[str, Any], input_norm: dict[str, float], last_iteration: int) -> dict[str, Any]:
+    """The checkpoint of a finished run (``contract.CHECKPOINT_*`` keys): the best validated weights, else the last."""
+    model_cfg, train_cfg = params["model"], params["train"]
+    best_state = run.best_state
+    last_state = _cpu_state(run.model)
+    checkpoint: dict[str, Any] = {
+        contract.CHECKPOINT_MODEL_CONFIG: copy.deepcopy(model_cfg),
+        contract.CHECKPOINT_TARGET: model_cfg["target"],
+        contract.CHECKPOINT_CHANNELS: output_channels(model_cfg),
+        contract.CHECKPOINT_DOWNSAMPLE_XY: params["infer"][contract.DOWNSAMPLE_XY],
+        contract.CHECKPOINT_STATE: best_state if best_state is not None else last_state,
+        contract.CHECKPOINT_ITERATION: last_iteration,
+        contract.CHECKPOINT_BEST_ITERATION: run.best_iteration if best_state is not None else last_iteration,
+        contract.CHECKPOINT_BEST_VAL_IOU: run.best_iou if best_state is not None else None,
+        contract.CHECKPOINT_VERSION: __version__,
+        contract.CHECKPOINT_INPUT_NORM: input_norm,
+        contract.CHECKPOINT_SEED: params["seed"],
+        contract.CHECKPOINT_TRAIN_CONFIG: copy.deepcopy(train_cfg),
+    }
+    if best_state is not None:
+        checkpoint[contract.CHECKPOINT_LAST_STATE] = last_state
+    return checkpoint
+
+
 def train_model(
     train_volumes: list[tuple[np.ndarray, np.ndarray]],
     val_volumes: list[tuple[np.ndarray, np.ndarray]],
@@ -274,7 +429,8 @@ def train_model(
     """Train on (image uint8, label uint32) pairs of full-resolution (z, y, x) arrays.
 
     ``params`` holds the config sections ``seed``, ``model``, ``train``, ``infer``
-    (and optionally ``segment`` for validation F1), defaults filled. Volumes
+    and, where there are validation volumes, ``segment`` (for validation F1):
+    complete sections, defaults filled. Volumes
     are pooled by ``infer.downsample_xy`` first. ``resume_path``: where the
     resume state is saved every ``train.save_every`` iterations and read from
     at the start. ``stop_after``: stop (saving the state) after this iteration,
@@ -285,182 +441,35 @@ def train_model(
     check_patch(model_cfg["patch"], model_cfg)
     device = torch.device(device) if device is not None else pick_device()
     input_norm = dict(DEFAULT_INPUT_NORM)
-    factor = params["infer"]["downsample_xy"]
-    target_kind = model_cfg["target"]
-    train_volumes = [pool_volume(image, label, factor) for image, label in train_volumes]
-    val_volumes = [pool_volume(image, label, factor) for image, label in val_volumes]
+    factor = params["infer"][contract.DOWNSAMPLE_XY]
+    train_volumes = [pool_pair(image, label, factor) for image, label in train_volumes]
+    val_volumes = [pool_pair(image, label, factor) for image, label in val_volumes]
     deterministic_before = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(job_threads(train_cfg["threads"]))
+    torch.set_num_threads(thread_count(train_cfg["threads"]))
     torch.manual_seed(params["seed"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     writer = _tensorboard_writer(tensorboard_dir)
     digest = config_digest(params)
     try:
-        rng = np.random.default_rng(params["seed"])
-        embedding_channels = embedding_dim(model_cfg)
-        discriminative = train_cfg["discriminative"]
-        sampler = PatchSampler(
-            train_volumes,
-            model_cfg["patch"],
-            train_cfg["foreground_fraction"],
-            target_kind,
-            model_cfg["contour_width"],
-            instances=embedding_channels > 0,
-        )
-        model = build_model(model_cfg).to(device)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
-        total = train_cfg["iterations"]
-        budget_seconds = train_cfg["max_minutes"] * 60.0
-        progress_box: dict[str, float | None] = {"progress": None}
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda it: learning_rate_factor(it, train_cfg["warmup_iterations"], total, progress_box["progress"]),
-        )
-        # fp16 needs loss scaling; bf16 and fp32 do not.
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-
-        metrics: list[dict[str, Any]] = []
-        best_iou, best_iteration, best_state = -1.0, total, None
-        first, elapsed_before = 1, 0.0
+        run = _Run(train_volumes, params, device)
         state = _load_state(resume_path, digest) if resume_path is not None else None
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            rng.bit_generator.state = state["numpy_rng"]
-            torch.set_rng_state(state["torch_rng"])
-            metrics, first, elapsed_before = state["metrics"], state["iteration"] + 1, state["elapsed"]
-            best_iou, best_iteration, best_state = state["best_iou"], state["best_iteration"], state["best_state"]
+            run.restore(state)
 
         def save_state(iteration: int, elapsed: float) -> None:
-            if resume_path is None:
-                return
-            _save_state(
-                resume_path,
-                {
-                    "config_digest": digest,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "numpy_rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(),
-                    "iteration": iteration,
-                    "elapsed": elapsed,
-                    "metrics": metrics,
-                    "best_iou": best_iou,
-                    "best_iteration": best_iteration,
-                    "best_state": best_state,
-                },
-            )
+            if resume_path is not None:
+                contract.save_checkpoint(resume_path, run.resume_state(digest, iteration, elapsed))
 
-        started = time.perf_counter() - elapsed_before
-        last_iteration = first - 1
-        bar = tqdm(range(first, total + 1), desc="train", unit="it", file=sys.stderr, disable=not progress)
-        for iteration in bar:
-            images, targets = [], []
-            for _ in range(train_cfg["batch_size"]):
-                image, target = sampler.sample(rng)
-                image = (image.astype(np.float32) - input_norm["mean"]) / input_norm["std"]
-                if train_cfg["augment"]:
-                    image, target = augment_patch(image, np.array(target, dtype=np.float32), rng, train_cfg)
-                images.append(np.ascontiguousarray(image, dtype=np.float32))
-                targets.append(np.ascontiguousarray(target, dtype=np.float32))
-            inputs = torch.from_numpy(np.stack(images))[:, None].to(device)
-            target_tensor = torch.from_numpy(np.stack(targets)).to(device)
-
-            learning_rate = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                logits, aux = model.forward_with_aux(inputs)
-            terms: dict[str, torch.Tensor] = {}
-            if embedding_channels:
-                # The last target channel holds the instance ids, the last output channels the embedding.
-                instance_ids = target_tensor[:, -1].round().long()
-                target_tensor = target_tensor[:, :-1]
-                embedding_loss, terms = discriminative_loss(
-                    logits[:, -embedding_channels:].float(),
-                    instance_ids,
-                    discriminative["delta_var"],
-                    discriminative["delta_dist"],
-                    discriminative["gamma"],
-                    background=discriminative["background_cluster"],
-                )
-                logits, aux = logits[:, :-embedding_channels], [a[:, :-embedding_channels] for a in aux]
-                target_weight = discriminative["target_weight"]
-            else:
-                target_weight = 1.0
-            loss = target_weight * target_loss(logits.float(), target_tensor, target_kind, train_cfg)
-            for aux_logits in aux:
-                loss = loss + target_weight * train_cfg["aux_loss_weight"] * target_loss(
-                    aux_logits.float(), target_tensor, target_kind, train_cfg
-                )
-            if embedding_channels:
-                loss = loss + discriminative["weight"] * embedding_loss
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["gradient_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            elapsed = time.perf_counter() - started
-            if budget_seconds > 0:
-                warmup = train_cfg["warmup_iterations"]
-                progress_box["progress"] = None if iteration < warmup else min(1.0, max(elapsed / budget_seconds, (iteration - warmup) / max(1, total - warmup)))
-            scheduler.step()
-
-            out_of_time = budget_seconds > 0 and elapsed >= budget_seconds
-            record: dict[str, Any] = {"iteration": iteration, "loss": round(float(loss.detach()), 6), "lr": learning_rate}
-            record.update({name: round(float(value.detach()), 6) for name, value in terms.items()})
-            if val_volumes and (iteration % train_cfg["val_every"] == 0 or iteration == total or out_of_time):
-                scores = validate(model, val_volumes, params, device, input_norm)
-                record.update({k: round(v, 6) for k, v in scores.items()})
-                if scores["val_iou"] > best_iou:
-                    best_iou, best_iteration, best_state = scores["val_iou"], iteration, _cpu_state(model)
-                if writer is not None:
-                    with torch.no_grad():
-                        outputs = [torch.sigmoid(logits)] + [torch.sigmoid(a) for a in aux]
-                    writer.add_image("train/input_target_prediction_aux", _image_grid(inputs, target_tensor, outputs), iteration)
-            record["seconds"] = round(time.perf_counter() - started, 3)
-            metrics.append(record)
-            if writer is not None:
-                for key in ("loss", "lr", "var", "dist", "reg", "val_iou", "val_f1"):
-                    if key in record:
-                        writer.add_scalar(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}", record[key], iteration)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val_iou": f"{record['val_iou']:.3f}"} if "val_iou" in record else {}))
-            last_iteration = iteration
-            if stop_after is not None and iteration >= stop_after:
-                save_state(iteration, time.perf_counter() - started)
-                break
-            if iteration % train_cfg["save_every"] == 0:
-                save_state(iteration, time.perf_counter() - started)
-            if out_of_time:
-                break
+        last_iteration = _train_loop(run, val_volumes, params, input_norm, save_state, writer, progress, stop_after)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         if writer is not None:
             writer.close()
+    return _checkpoint(run, params, input_norm, last_iteration), run.metrics
 
-    last_state = _cpu_state(model)
-    checkpoint: dict[str, Any] = {
-        "model_config": copy.deepcopy(model_cfg),
-        "target": target_kind,
-        "channels": output_channels(model_cfg),
-        "downsample_xy": factor,
-        "state_dict": best_state if best_state is not None else last_state,
-        "iteration": last_iteration,
-        "best_iteration": best_iteration if best_state is not None else last_iteration,
-        "best_val_iou": best_iou if best_state is not None else None,
-        "emmito_version": __version__,
-        "input_norm": input_norm,
-        "seed": params["seed"],
-        "train_config": copy.deepcopy(train_cfg),
-    }
-    if best_state is not None:
-        checkpoint["last_state_dict"] = last_state
-    return checkpoint, metrics
+
+# ---- after training: the support set of an embedding model -------------------------------------
 
 
 def training_embeddings(
@@ -475,17 +484,19 @@ def training_embeddings(
     ``infer`` would (``infer.tta`` included), its embeddings quantised as heat
     files store them, so that they match what ``segment`` reads.
     """
-    model_cfg = {**params["model"], **checkpoint["model_config"]}
+    model_cfg = {**params["model"], **checkpoint[contract.CHECKPOINT_MODEL_CONFIG]}
     dim = embedding_dim(model_cfg)
     if not dim:
         raise EmmitoError("a support set needs an embedding model (model.head embedding)")
     model = build_model(model_cfg)
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(checkpoint[contract.CHECKPOINT_STATE])
     model.to(device).eval()
     embedded = []
     for image, label in volumes:
-        image, label = pool_volume(image, label, checkpoint["downsample_xy"])
-        probability = predict_volume(model, image, params, device, checkpoint.get("input_norm"), tta=params["infer"]["tta"])
+        image, label = pool_pair(image, label, checkpoint[contract.CHECKPOINT_DOWNSAMPLE_XY])
+        probability = predict_volume(
+            model, image, params, device, checkpoint.get(contract.CHECKPOINT_INPUT_NORM), tta=params["infer"]["tta"]
+        )
         embedded.append((heat_to_embeddings(to_heat(probability[-dim:])), (label > 0).astype(np.int64)))
     return embedded
 
@@ -514,16 +525,7 @@ def support_set(
     return np.concatenate(features), np.concatenate(classes)
 
 
-def save_checkpoint(path: Any, checkpoint: dict[str, Any]) -> None:
-    """torch.save ``checkpoint`` to ``path`` atomically, with the same bytes for the same content.
-
-    Saved through memory first: torch.save to a file names the zip archive after
-    the (temporary, pid-bearing) file name, which would change the bytes.
-    """
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+# ---- the files ------------------------------------------------------------------------------
 
 
 def write_metrics(path: Any, metrics: list[dict[str, Any]]) -> None:
@@ -546,17 +548,27 @@ def _load_pair(image_path: Any, label_path: Any) -> tuple[np.ndarray, np.ndarray
     return image, label
 
 
-def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito train --train IMG LBL ... [--val IMG LBL ...] --checkpoint CKPT --metrics JSONL``."""
+def train_files(
+    train_pairs: list[tuple[Any, Any]],
+    val_pairs: list[tuple[Any, Any]],
+    checkpoint_path: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    support_path: str | os.PathLike | None,
+    params: dict[str, Any],
+) -> None:
+    """Train on (image.h5, label.h5) pairs; write the checkpoint, the metrics log and (embedding models) the support set.
+
+    ``params``: complete config sections (``train_model``). The resume state lives
+    beside the checkpoint and is removed once the checkpoint is written.
+    """
     check_patch(params["model"]["patch"], params["model"])
-    train_volumes = [_load_pair(image, label) for image, label in args.train]
-    val_volumes = [_load_pair(image, label) for image, label in args.val]
-    checkpoint_path = Path(args.checkpoint)
+    train_volumes = [_load_pair(image, label) for image, label in train_pairs]
+    val_volumes = [_load_pair(image, label) for image, label in val_pairs]
+    checkpoint_path = Path(checkpoint_path)
     # Beside the checkpoint and not a declared output, so a preempted job's rerun finds it.
     resume_path = checkpoint_path.with_name(checkpoint_path.name + ".resume")
     tensorboard_dir = checkpoint_path.parent / "tensorboard" if params["train"]["tensorboard"] else None
     has_embedding = embedding_dim(params["model"]) > 0
-    support_path = getattr(args, "support", None)
     if has_embedding != (support_path is not None):
         raise EmmitoError(
             "model.head embedding needs --support PATH (the support set to write)" if has_embedding
@@ -565,7 +577,12 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     checkpoint, metrics = train_model(train_volumes, val_volumes, params, resume_path=resume_path, tensorboard_dir=tensorboard_dir)
     if has_embedding:
         features, classes = support_set(checkpoint, train_volumes, params, pick_device())
-        save_support_set(support_path, features, classes, {"embedding_dim": features.shape[1]})
-    save_checkpoint(checkpoint_path, checkpoint)
-    write_metrics(args.metrics, metrics)
+        contract.save_support_set(support_path, features, classes, {"embedding_dim": features.shape[1]})
+    contract.save_checkpoint(checkpoint_path, checkpoint)
+    write_metrics(metrics_path, metrics)
     resume_path.unlink(missing_ok=True)
+
+
+def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """``emmito train --train IMG LBL ... [--val IMG LBL ...] --checkpoint CKPT --metrics JSONL [--support NPZ]``."""
+    train_files(args.train, args.val, args.checkpoint, args.metrics, getattr(args, "support", None), params)

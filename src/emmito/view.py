@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from emmito import contract
 from emmito.export import IMAGE_LAYER, OBJECTS_FILE, SEGMENTATION_LAYER
 from emmito.io import EmmitoError, atomic_path, read_json
 
@@ -153,7 +154,7 @@ def start_viewer(
     neuroglancer.set_server_bind_address(bind, port)
     viewer = neuroglancer.Viewer()
     selected = largest_objects(record, select) if select > 0 else []
-    z_nm, y_nm, x_nm = record["voxel_size"]
+    z_nm, y_nm, x_nm = record[contract.VOXEL_SIZE]
     with viewer.txn() as state:
         # Dimensions are matched to the layers by name; x, y, z order makes 'xy' the slice plane.
         state.dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[x_nm, y_nm, z_nm])

@@ -1,0 +1,415 @@
+"""The on-disk contract, spelled once: where results live, what every file holds, the checkpoint format.
+
+Every other module (the stages, the workflow's ``rules/common.smk``, the CLI,
+summary and the tests) takes names from here; none spells a path pattern, a
+dataset name or an attribute key itself. A test (``tests/test_architecture.py``)
+fails if one does.
+
+Volumes
+    Every volume emmito writes is an HDF5 file with one dataset ``DATASET``
+    (``main``) of shape (z, y, x), or (channel, z, y, x) for heat files, and
+    the attributes below. ``IMAGE``/``LABEL`` files are written by convert,
+    ``HEAT`` files by infer and merge, ``SEG`` files by segment, trace and
+    upsample. A pyramid (upsample) adds datasets ``s1``, ``s2``, ... beside
+    ``main``, each halving y and x (``level_name``).
+
+Results layout
+    ``Results(root)`` gives every output path as a pattern with Snakemake
+    wildcards (``Results().image()`` -> ``results/{vol}/image.h5``) or filled in
+    (``Results().image("demo")`` -> ``results/demo/image.h5``).
+
+Checkpoints
+    ``save_checkpoint`` / ``read_checkpoint`` / ``inspect_checkpoint``: a
+    torch-saved dict with the ``CHECKPOINT_*`` keys.
+
+Adding a file kind is a few lines: a method on ``Results``, its attribute
+keys here, and (if tests need it) a case in ``fixture``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# ---- volumes -------------------------------------------------------------------------
+
+DATASET = "main"
+
+# Attribute keys, on the dataset.
+VOXEL_SIZE = "voxel_size"  # (z, y, x) nm of this file's voxels
+OFFSET = "offset"  # index of the file's first slice in its volume's frame
+VERSION = "emmito_version"  # the emmito that wrote it
+VOLUME_DEPTH = "volume_depth"  # slices in the whole volume (heat, seg blocks, traced)
+DOWNSAMPLE_XY = "downsample_xy"  # factor between this file's y/x and the image's (also config infer.downsample_xy)
+CHANNELS = "channels"  # heat files: one name per channel (foreground, contour, emb0, ...)
+EMBEDDING_RANGE = "embedding_range"  # heat files of embedding models: the emb channels' scale
+
+# Written by io.create_volume on every file.
+BASE_KEYS = (VOXEL_SIZE, OFFSET, VERSION)
+# The volume frame that a file at inference resolution carries on (heat -> seg block -> traced).
+FRAME_KEYS = (VOLUME_DEPTH, DOWNSAMPLE_XY)
+# What merge checks is the same across the chunks of a block, and carries on.
+HEAT_KEYS = (VOLUME_DEPTH, DOWNSAMPLE_XY, CHANNELS, EMBEDDING_RANGE)
+
+DEFAULT_VOXEL_SIZE = (1.0, 1.0, 1.0)
+
+
+def frame_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The volume-frame attributes of ``attrs`` (those present), to copy onto a file derived from it."""
+    return {key: attrs[key] for key in FRAME_KEYS if key in attrs}
+
+
+def heat_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The heat-file attributes of ``attrs`` (those present), to copy from chunks onto their block."""
+    return {key: attrs[key] for key in HEAT_KEYS if key in attrs}
+
+
+def volume_frame(volume_depth: int, downsample_xy: int) -> dict[str, Any]:
+    """Attributes of a file at inference resolution: the whole volume's depth and the y/x factor."""
+    return {VOLUME_DEPTH: int(volume_depth), DOWNSAMPLE_XY: int(downsample_xy)}
+
+
+def heat_file_attrs(
+    channels: list[str], volume_depth: int, downsample_xy: int, embedding_range: float | None = None
+) -> dict[str, Any]:
+    """Attributes of a heat file (infer's chunks, merge's blocks)."""
+    attrs = {CHANNELS: [str(c) for c in channels], **volume_frame(volume_depth, downsample_xy)}
+    if embedding_range is not None:
+        attrs[EMBEDDING_RANGE] = float(embedding_range)
+    return attrs
+
+
+def read_attrs(ds: Any) -> dict[str, Any]:
+    """The attributes of an open dataset as plain Python values, with defaults for files made elsewhere."""
+    attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ds.attrs.items()}
+    attrs.setdefault(VOXEL_SIZE, list(DEFAULT_VOXEL_SIZE))
+    attrs.setdefault(OFFSET, 0)
+    attrs[OFFSET] = int(attrs[OFFSET])
+    attrs[VOXEL_SIZE] = [float(v) for v in attrs[VOXEL_SIZE]]
+    if CHANNELS in attrs:
+        attrs[CHANNELS] = [str(c) for c in attrs[CHANNELS]]
+    return attrs
+
+
+def channel_names(attrs: dict[str, Any]) -> list[str] | None:
+    """A heat file's channel names, or None when it does not say (a heatmap from elsewhere)."""
+    names = attrs.get(CHANNELS)
+    return None if names is None else [str(c) for c in names]
+
+
+def with_channels(attrs: dict[str, Any], channels: list[str]) -> dict[str, Any]:
+    """A copy of ``attrs`` whose channel names are ``channels``."""
+    return {**attrs, CHANNELS: list(channels)}
+
+
+def voxel_size(attrs: dict[str, Any]) -> list[float]:
+    return [float(v) for v in attrs.get(VOXEL_SIZE, DEFAULT_VOXEL_SIZE)]
+
+
+def offset(attrs: dict[str, Any]) -> int:
+    return int(attrs.get(OFFSET, 0))
+
+
+def volume_depth(attrs: dict[str, Any]) -> int | None:
+    """The whole volume's depth recorded in ``attrs``, or None where the file does not record it."""
+    return int(attrs[VOLUME_DEPTH]) if VOLUME_DEPTH in attrs else None
+
+
+def downsample_xy(attrs: dict[str, Any]) -> int:
+    return int(attrs.get(DOWNSAMPLE_XY, 1))
+
+
+# ---- pyramids ---------------------------------------------------------------------
+
+
+def level_name(level: int) -> str:
+    """Dataset name of pyramid level ``level``: ``main`` (full resolution), then ``s1``, ``s2``, ..."""
+    return DATASET if level == 0 else f"s{level}"
+
+
+def pyramid_levels(h5file: Any) -> list[str]:
+    """The pyramid datasets present in an open HDF5 file, finest first (``main``, ``s1``, ...)."""
+    names = []
+    level = 0
+    while level_name(level) in h5file:
+        names.append(level_name(level))
+        level += 1
+    return names
+
+
+def level_attrs(voxel_size: list[float], volume_depth: int, scale: int) -> dict[str, Any]:
+    """Attributes of pyramid level with y/x ``scale`` (1, 2, 4, ...) of a full-resolution volume."""
+    return {
+        VOXEL_SIZE: np.asarray([voxel_size[0], voxel_size[1] * scale, voxel_size[2] * scale], dtype=np.float64),
+        OFFSET: 0,
+        **volume_frame(volume_depth, scale),
+    }
+
+
+# ---- results layout ---------------------------------------------------------------
+
+RESULTS = "results"
+
+
+@dataclass(frozen=True)
+class Results:
+    """Every output path of a run under ``root``.
+
+    Each method returns a pattern with Snakemake wildcards when called without
+    arguments (``image()`` -> ``results/{vol}/image.h5``) and a path when given
+    them (``image("demo")`` -> ``results/demo/image.h5``).
+    """
+
+    root: str = RESULTS
+
+    # the model
+    def model_dir(self, model: str = "{model}") -> str:
+        return f"{self.root}/model/{model}"
+
+    def checkpoint(self, model: str = "{model}") -> str:
+        return f"{self.model_dir(model)}/checkpoint.pt"
+
+    def training_log(self, model: str = "{model}") -> str:
+        return f"{self.model_dir(model)}/metrics.jsonl"
+
+    def support_set(self, model: str = "{model}") -> str:
+        return f"{self.model_dir(model)}/support.npz"
+
+    def model_report(self, model: str = "{model}", name: str = "training.png") -> str:
+        return f"{self.model_dir(model)}/report/{name}"
+
+    def train_log(self, model: str = "{model}") -> str:
+        return f"{self.model_dir(model)}/train.log"
+
+    def train_benchmark(self, model: str = "{model}") -> str:
+        return f"{self.model_dir(model)}/train.benchmark.tsv"
+
+    # one volume
+    def volume_dir(self, vol: str = "{vol}") -> str:
+        return f"{self.root}/{vol}"
+
+    def image(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/image.h5"
+
+    def label(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/label.h5"
+
+    def heat_chunk(self, vol: str = "{vol}", chunk: int | str = "{chunk}") -> str:
+        return f"{self.volume_dir(vol)}/heat/chunk_{chunk}.h5"
+
+    def heat_block(self, vol: str = "{vol}", block: int | str = "{block}") -> str:
+        return f"{self.volume_dir(vol)}/heat/block_{block}.h5"
+
+    def seg_block(self, vol: str = "{vol}", block: int | str = "{block}") -> str:
+        return f"{self.volume_dir(vol)}/seg/block_{block}.h5"
+
+    def traced(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/seg_infer.h5"
+
+    def id_map(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/trace.json"
+
+    def seg(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/seg.h5"
+
+    def metrics(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/metrics.json"
+
+    def neuroglancer(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/ng"
+
+    def report_dir(self, vol: str = "{vol}") -> str:
+        return f"{self.volume_dir(vol)}/report"
+
+    def report(self, vol: str = "{vol}", name: str = "{name}") -> str:
+        return f"{self.report_dir(vol)}/{name}"
+
+    # bookkeeping
+    def logs(self) -> str:
+        return f"{self.root}/logs"
+
+    def log(self, stage: str, name: str) -> str:
+        return f"{self.logs()}/{stage}/{name}.log"
+
+    def benchmark(self, stage: str, name: str) -> str:
+        return f"{self.root}/benchmarks/{stage}/{name}.tsv"
+
+
+# ---- checkpoints ------------------------------------------------------------------
+# A checkpoint is a torch-saved dict. The keys below are the format; train writes
+# them, infer and training_embeddings read them through read_checkpoint.
+
+CHECKPOINT_MODEL_CONFIG = "model_config"  # the model section it was trained with
+CHECKPOINT_STATE = "state_dict"  # weights (the best validation iteration's, where there was validation)
+CHECKPOINT_LAST_STATE = "last_state_dict"  # the last iteration's weights, where they differ
+CHECKPOINT_TARGET = "target"
+CHECKPOINT_CHANNELS = CHANNELS  # output channel names, as heat files name them
+CHECKPOINT_DOWNSAMPLE_XY = DOWNSAMPLE_XY  # infer.downsample_xy it was trained at
+CHECKPOINT_INPUT_NORM = "input_norm"
+CHECKPOINT_VERSION = VERSION
+# Training's record of the run (train writes them; nothing needs them to load the model).
+CHECKPOINT_ITERATION = "iteration"  # the last iteration run
+CHECKPOINT_BEST_ITERATION = "best_iteration"  # the iteration whose weights are CHECKPOINT_STATE
+CHECKPOINT_BEST_VAL_IOU = "best_val_iou"  # their validation IoU (None without validation)
+CHECKPOINT_SEED = "seed"
+CHECKPOINT_TRAIN_CONFIG = "train_config"  # the train section it ran with
+CHECKPOINT_REQUIRED = (CHECKPOINT_MODEL_CONFIG, CHECKPOINT_STATE)
+_WEIGHT_KEYS = (CHECKPOINT_STATE, CHECKPOINT_LAST_STATE)
+
+
+def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
+    """The bytes ``save_checkpoint`` writes: the same content gives the same bytes.
+
+    Saved through memory: torch.save to a file names the zip archive after the
+    (temporary, pid-bearing) file name, which would change the bytes.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (see ``checkpoint_bytes``)."""
+    from emmito.io import atomic_path
+
+    data = checkpoint_bytes(checkpoint)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load an emmito checkpoint (tensors on the CPU).
+
+    Raises a one-line EmmitoError naming the file when it is missing, unreadable
+    (corrupt, truncated, foreign) or lacks the keys every checkpoint has.
+    """
+    import torch
+
+    from emmito.io import EmmitoError
+
+    path = Path(path)
+    if not path.exists():
+        raise EmmitoError(f"{path}: checkpoint not found: run 'emmito train' (or the train rule) first, or fix the path")
+    try:
+        checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a truncated or foreign file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EmmitoError(
+            f"{path}: not a readable checkpoint ({first_line[:120]}): it is corrupt or not from emmito; delete it and retrain"
+        ) from None
+    missing = [k for k in CHECKPOINT_REQUIRED if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise EmmitoError(f"{path}: not an emmito checkpoint (no {', '.join(missing)}): retrain with 'emmito train'")
+    return checkpoint
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's metadata (everything but the weights), for summaries and checks."""
+    return {k: v for k, v in read_checkpoint(path).items() if k not in _WEIGHT_KEYS}
+
+
+# ---- support sets -----------------------------------------------------------------
+# The nearest_neighbour decoder's support set: embeddings of training voxels with their
+# classes, written by train beside the checkpoint and read by segment.
+
+SUPPORT_FORMAT = 1
+
+
+def save_support_set(path: str | os.PathLike, features: np.ndarray, classes: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+    """Write a support set to ``path`` (.npz: features float32 (N, E), classes int64 (N,), plus scalar attrs), atomically."""
+    from emmito.io import atomic_path
+
+    extra = {key: np.asarray(value) for key, value in (attrs or {}).items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                features=np.asarray(features, dtype=np.float32),
+                classes=np.asarray(classes, dtype=np.int64),
+                format=np.asarray(SUPPORT_FORMAT),
+                **extra,
+            )
+
+
+def load_support_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 (N, E), classes int64 (N,)) from ``save_support_set``'s file; EmmitoError naming the fix."""
+    from emmito.io import EmmitoError
+
+    path = Path(path)
+    if not path.exists():
+        raise EmmitoError(
+            f"{path}: support set not found: segment.decoder nearest_neighbour needs the support.npz that "
+            "training an embedding model writes beside its checkpoint (retrain with model.head embedding) or set segment.support_set"
+        )
+    try:
+        with np.load(path) as data:
+            features, classes = data["features"].astype(np.float32), data["classes"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EmmitoError(f"{path}: not a readable support set ({exc}): delete it and retrain the model that writes it") from None
+    if features.ndim != 2 or classes.shape != (features.shape[0],) or len(classes) == 0:
+        raise EmmitoError(f"{path}: support set has features {features.shape} and classes {classes.shape}: delete it and retrain")
+    return features, classes
+
+
+# ---- test fixtures ----------------------------------------------------------------
+# One factory for the files tests build by hand, so that a change to the contract
+# changes them all.
+
+FIXTURE_KINDS = ("image", "label", "heat", "seg")
+
+
+def fixture(
+    path: str | os.PathLike,
+    kind: str,
+    data: np.ndarray,
+    *,
+    voxel_size: tuple[float, float, float] | list[float] = (40.0, 8.0, 8.0),
+    offset: int = 0,
+    volume_depth: int | None = None,
+    downsample_xy: int = 1,
+    channels: list[str] | None = None,
+    embedding_range: float | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a volume of ``kind`` the way its stage would, and return its path.
+
+    - ``image``: uint8 (z, y, x); ``label``: uint32 (z, y, x) ids;
+    - ``heat``: uint8 (channel, z, y, x) or (z, y, x) for one channel, with
+      ``channels`` (default ``foreground`` for one channel), the volume frame
+      (``volume_depth`` defaults to ``offset`` + the file's depth) and
+      ``embedding_range`` where given;
+    - ``seg``: uint32 (z, y, x) ids with the volume frame.
+    ``attrs`` are set on top (a test that wants an odd file).
+    """
+    from emmito.io import write_volume
+
+    if kind not in FIXTURE_KINDS:
+        raise ValueError(f"fixture kind {kind!r}: use one of {FIXTURE_KINDS}")
+    data = np.asarray(data)
+    extra: dict[str, Any] = {}
+    if kind == "image":
+        data = data.astype(np.uint8, copy=False)
+    elif kind == "label":
+        data = data.astype(np.uint32, copy=False)
+    elif kind == "heat":
+        data = data.astype(np.uint8, copy=False)
+        if data.ndim == 3:
+            data = data[None]
+        names = channels if channels is not None else ["foreground"] if data.shape[0] == 1 else None
+        if names is None:
+            raise ValueError("a heat fixture of several channels needs their names (channels=...)")
+        depth = volume_depth if volume_depth is not None else offset + data.shape[1]
+        extra = heat_file_attrs(names, depth, downsample_xy, embedding_range)
+    else:  # seg
+        data = data.astype(np.uint32, copy=False)
+        depth = volume_depth if volume_depth is not None else offset + data.shape[0]
+        extra = volume_frame(depth, downsample_xy)
+    write_volume(path, data, voxel_size=voxel_size, offset=offset, attrs={**extra, **(attrs or {})})
+    return Path(path)
