@@ -15,16 +15,21 @@ Nothing is written into the data folder or the repository: the checkpoint and
 the per-volume metrics go to a temporary folder (``--keep DIR`` keeps them).
 
 The chain is the package's own functions on whole volumes: the image is
-mean-pooled by infer.downsample_xy and predicted with ``predict_slices``
+mean-pooled by model.downsample_xy and predicted with ``predict_slices``
 (which equals chunked inference by construction; ``--tta`` as infer.tta),
 segmented as one block with ``segment.decode``, upsampled to full resolution
 with ``upsample_labels`` and scored with ``evaluate_arrays`` against the 3D
 connected components of the mask (as ``convert`` makes them). Validation is
-never used for training or for choosing anything (``--tune`` picks segment
-thresholds on the training volume, and segment.max_area_2d is
-``--max-area-factor`` times the widest cross-section of a training
-mitochondrion; the figures without that filter are printed too). The last
-line is ``cdeep3m_val_iou: X``.
+never used for training or for choosing anything: ``--tune`` chooses the
+decoder's settings on the training volume with ``emmito.tuning.tune``, the
+tune rule's search, on the heat the rule predicts (``emmito.tune``'s fixed
+tile overlap and no test-time augmentation); without it the settings are a
+``decoder.json`` beside ``--checkpoint`` where there is one, else the
+untuned defaults (keys the config sets win, as in segment); and
+segment.max_area_2d is ``--max-area-factor`` times the widest cross-section
+of a training mitochondrion (the figures without that filter are printed
+too). The settings used and the training iterations are printed beside the
+figures; the last line is ``cdeep3m_val_iou: X``.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from emmito import config as config_module  # noqa: E402
+from emmito import contract, tune, tuning  # noqa: E402
 from emmito.convert import binary_to_instances  # noqa: E402
-from emmito.contract import save_checkpoint  # noqa: E402
 from emmito.decoders import decode, nearest_neighbour_classify, resolve_decoder  # noqa: E402
 from emmito.embedding import heat_to_embeddings  # noqa: E402
 from emmito.io import list_slices, read_png_slice, write_json  # noqa: E402
@@ -66,42 +71,37 @@ def load_stack(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, binary_to_instances(mask)
 
 
-def predict_heat(model: torch.nn.Module, image: np.ndarray, params: dict, input_norm: dict | None) -> np.ndarray:
+def predict_heat(model: torch.nn.Module, image: np.ndarray, params: dict, input_norm: dict | None, tta: int | None = None) -> np.ndarray:
     """uint8 heat (channel, z, y, x) of a full-resolution uint8 volume, at the inference scale, as infer writes it."""
-    pooled = mean_pool_xy(image, params["infer"]["downsample_xy"])
-    return to_heat(predict_volume(model, pooled, params, "cpu", input_norm, tta=params["infer"]["tta"]))
+    pooled = mean_pool_xy(image, factor(params))
+    tta = params["infer"]["tta"] if tta is None else tta
+    return to_heat(predict_volume(model, pooled, params, "cpu", input_norm, tta=tta))
+
+
+def factor(params: dict) -> int:
+    return params["model"][contract.DOWNSAMPLE_XY]
 
 
 def score_heat(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str], segment_cfg: dict, support=None) -> dict:
     """segment -> upsample -> evaluate of one volume's heat against full-resolution instance ids."""
     labels = decode(dict(zip(channels, heat)), segment_cfg, support=support)
-    full = upsample_labels(labels, params["infer"]["downsample_xy"], gt.shape[1:])
+    full = upsample_labels(labels, factor(params), gt.shape[1:])
     return evaluate_arrays(full, gt)
 
 
-def tune_segment(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str], support=None) -> dict:
-    """The segment section with its foreground threshold and minimum size chosen by IoU + F1 + 2D F1 on (training) data."""
-    decoder = resolve_decoder(params["segment"]["decoder"], channels)[0]
-    threshold_key, size_key = {
-        "heat_watershed": ("foreground_threshold", "min_size"),
-        "bc_watershed": ("bc_foreground", "bc_min_size"),
-        "embedding_cluster": ("embedding_foreground", "embedding_min_size"),
-        "nearest_neighbour": ("nnc_threshold", "embedding_min_size"),
-    }[decoder]
-    thresholds = (0.3, 0.4, 0.5, 0.6, 0.7) if decoder == "nearest_neighbour" else (64, 96, 128, 160, 192)
-    best, best_score = dict(params["segment"]), -1.0
-    for threshold in thresholds:
-        for min_size in (300, 600, 1000):
-            candidate = {**params["segment"], threshold_key: threshold, size_key: min_size}
-            if decoder == "heat_watershed":
-                candidate["seed_threshold"] = max(params["segment"]["seed_threshold"], threshold)
-            metrics = score_heat(heat, gt, params, channels, candidate, support)
-            score = metrics["voxel_iou"] + metrics["instance_f1"] + metrics["f1_2d"]
-            print(f"tune on training: {threshold_key} {threshold} {size_key} {min_size}: iou {metrics['voxel_iou']:.3f} "
-                  f"f1 {metrics['instance_f1']:.3f} f1_2d {metrics['f1_2d']:.3f}", file=sys.stderr)
-            if score > best_score:
-                best, best_score = candidate, score
-    return best
+def tune_on_training(model: torch.nn.Module, train: tuple, params: dict, channels: list[str], input_norm: dict | None, support=None) -> dict:
+    """decoder.json's record for the model, chosen on the training volume alone by the tune rule's search.
+
+    The heat is predicted as the tune rule predicts it (``emmito.tune``: tile
+    overlap ``tune.TILE_OVERLAP``, test-time augmentation ``tune.TTA``), the
+    labels mode-pooled to the inference scale; ``tuning.tune`` does the rest.
+    """
+    tune_params = {**params, "infer": {**params["infer"], "tile_overlap": tune.TILE_OVERLAP}}
+    heat = predict_heat(model, train[0], tune_params, input_norm, tta=tune.TTA)
+    labels = pool_pair(train[0][:1], train[1], factor(params))[1]
+    volume = tuning.TuneVolume("cdeep3m_train", dict(zip(channels, heat)), labels, (0, len(labels)))
+    tuned = tuning.tune([volume], params["segment"], support, progress=True)
+    return tuned.record()
 
 
 def widest_cross_section(labels: np.ndarray) -> int:
@@ -114,7 +114,7 @@ def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image:
     dim = embedding_dim(params["model"])
     heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
     embeddings = heat_to_embeddings(heat[-dim:])
-    truth = pool_pair(image, gt, params["infer"]["downsample_xy"])[1] > 0
+    truth = pool_pair(image, gt, factor(params))[1] > 0
     embedded = training_embeddings(checkpoint, [train], params)  # once: the sets below are draws from it
     print("| support voxels | k | NNC foreground IoU (v2018 validation) | seconds |")
     print("| ---: | ---: | ---: | ---: |")
@@ -180,23 +180,32 @@ def main() -> None:
         checkpoint, metrics = train_model([train], [], params, device="cpu")
         minutes = (time.perf_counter() - started) / 60
         checkpoint_path = out_dir / "cdeep3m.pt"
-        save_checkpoint(checkpoint_path, checkpoint)
+        contract.save_checkpoint(checkpoint_path, checkpoint)
         (out_dir / "train_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     else:
         checkpoint_path, minutes = args.checkpoint, float("nan")
-    model, checkpoint = load_checkpoint(checkpoint_path, params["model"])
+    model, checkpoint = load_checkpoint(checkpoint_path, params["model"], explicit=params.explicit)
     model = model.model  # the bare network: predict_volume wraps it for the heat of every channel
     channels = list(checkpoint["channels"])
     support = support_set(checkpoint, [train], params) if params["segment"]["decoder"] == "nearest_neighbour" else None
     if args.max_area_factor > 0:  # from the training labels alone, never from validation
-        widest = widest_cross_section(pool_pair(train[0][:1], train[1], params["infer"]["downsample_xy"])[1])
+        widest = widest_cross_section(pool_pair(train[0][:1], train[1], factor(params))[1])
         params["segment"]["max_area_2d"] = int(args.max_area_factor * widest)
         print(f"max_area_2d: {params['segment']['max_area_2d']} px ({args.max_area_factor} x the widest training "
               f"mitochondrion's {widest} px at the inference scale)")
+    decoder, heat_name = resolve_decoder(params["segment"]["decoder"], channels)
+    beside = Path(contract.decoder_settings_beside(checkpoint_path))
     if args.tune:
-        heat = predict_heat(model, train[0], params, checkpoint.get("input_norm"))
-        params["segment"] = tune_segment(heat, train[1], params, channels, support)
-        print(f"segment chosen on training: {json.dumps(params['segment'], sort_keys=True)}")
+        tuned = tune_on_training(model, train, params, channels, checkpoint.get("input_norm"), support)
+        contract.save_decoder_settings(out_dir / contract.DECODER_SETTINGS_FILE, tuned)
+        print(f"tuned on training: score {tuned['score']:.4f} (F1 over IoU 0.5-0.95), F1 {tuned['instance_f1']:.4f}; untuned "
+              f"{tuned['untuned']['score']:.4f}, {tuned['untuned']['instance_f1']:.4f}; {len(tuned['trials'])} trials")
+    else:
+        tuned = contract.load_decoder_settings(beside) if beside.exists() else None
+    heat_kind = tuning.heat_kind(channels if heat_name in channels else [heat_name])
+    params["segment"], sources = tuning.resolve_settings(params["segment"], params.explicit, tuned, decoder, heat_kind)
+    settings_line = tuning.describe(params["segment"], sources)
+    print(f"segment settings: {settings_line}")
 
     results = {}
     for name, folder in (("v2018", args.data / "v2018" / "validation"), ("v2020", args.data / "v2020" / "validation")):
@@ -210,7 +219,6 @@ def main() -> None:
         write_json(out_dir / f"metrics_{name}.json", results[name])
         if name == "v2018" and args.support_sizes:
             support_table(model, checkpoint, train, image, gt, params, [int(s) for s in args.support_sizes.split(",")])
-    decoder = resolve_decoder(params["segment"]["decoder"], channels)[0]
     print(f"checkpoint: {checkpoint_path} ({parameter_count(model)} parameters, {checkpoint['iteration']} iterations, "
           f"head={params['model']['head']}, decoder={decoder}, tta={params['infer']['tta']})")
     v2020, v2018 = results["v2020"], results["v2018"]
@@ -223,6 +231,7 @@ def main() -> None:
         f"objects gt/pred/matched: {v2018['gt_objects']}/{v2018['predicted_objects']}/{v2018['matched_objects']}"
     )
     print(f"training_minutes: {minutes:.1f}  training_iterations: {checkpoint['iteration']}")
+    print(f"decoder: {decoder}  settings: {settings_line}  training_iterations: {checkpoint['iteration']}")
     print(f"cdeep3m_val_f1_2d: {v2018['f1_2d']:.4f}")
     print(f"cdeep3m_val_f1: {v2018['instance_f1']:.4f}")
     print(f"cdeep3m_val_iou: {v2018['voxel_iou']:.4f}")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 from emmito import config as config_module  # noqa: E402
+from emmito import contract  # noqa: E402
 from emmito.runtime import pick_device  # noqa: E402
 from emmito.synth import synthesize  # noqa: E402
 from emmito.train import train_model  # noqa: E402
@@ -36,7 +37,7 @@ def main() -> None:
 
     params = config_module.load(args.config)
     patch = params["model"]["patch"]
-    factor = params["infer"]["downsample_xy"]
+    factor = params["model"][contract.DOWNSAMPLE_XY]
     slices = max(patch[0] * 2, 8)
     size = max(args.size, max(patch[1:]) * factor)
     image, label = synthesize(slices, size, seed=0)

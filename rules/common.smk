@@ -2,7 +2,8 @@
 # Parse-time work stays cheap because every cluster job parses this again: one directory
 # listing and one PNG header per volume, no image decoding.
 # Every path pattern comes from emmito.contract.Results (R), the cutting into chunks and
-# blocks from emmito.blocks.Layout (LAYOUT).
+# blocks from emmito.blocks.Layout (LAYOUT), each rule's params from the schema's x-stages
+# (stage_params below).
 
 import json
 import os
@@ -10,15 +11,16 @@ import re
 import shlex
 from functools import cache
 
-import emmito
+from emmito import config as emmito_config
 from emmito.blocks import Layout
-from emmito.config import validate as validate_config
-from emmito.contract import Results
+from emmito.contract import DOWNSAMPLE_XY, OUTPUT_VERSIONS, Results
+from emmito.contract import decoder_settings_beside, support_set_beside
 from emmito.io import EmmitoError, list_slices, png_header
 from snakemake.exceptions import WorkflowError
 
 try:
-    validate_config(config, source="config")
+    # Fills Snakemake's config in place; VALIDATED also knows which keys the user set.
+    VALIDATED = emmito_config.validate(config, source="config")
 except EmmitoError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -33,12 +35,44 @@ R = Results()
 MODEL = config["model"]["name"]
 LAYOUT = Layout.from_config(config)
 CONDA_ENV = "../envs/emmito.yaml"
+# The checkpoint infer (and tune) use: model.checkpoint where set (a trained model from elsewhere:
+# no train job, train.smk defines none), else the one the train rule writes.
+TRAINS = not config["model"]["checkpoint"]
+CHECKPOINT = config["model"]["checkpoint"] or R.checkpoint(MODEL)
+if not TRAINS and config["train"]["volumes"]:
+    raise WorkflowError(
+        f"model.checkpoint and train.volumes are both set: model.checkpoint uses {CHECKPOINT} as it is (no training); "
+        f"to fine-tune it on train.volumes set train.init_from: {CHECKPOINT} instead and leave model.checkpoint empty"
+    )
+if not TRAINS and not os.path.exists(CHECKPOINT):
+    raise WorkflowError(
+        f"model.checkpoint: {CHECKPOINT} does not exist: fix the path (relative to the project folder), "
+        "or leave model.checkpoint empty to train a model"
+    )
+if config["train"]["init_from"] and not os.path.exists(config["train"]["init_from"]):
+    raise WorkflowError(
+        f"train.init_from: {config['train']['init_from']} does not exist: fix the path (relative to the "
+        "project folder), or leave it empty to train from scratch"
+    )
 EMBEDDING_HEAD = config["model"]["head"] == "embedding"
 EMBEDDING_DECODERS = ("embedding_cluster", "nearest_neighbour")
 # The support set the nearest_neighbour decoder reads: written beside the checkpoint by train.
-SUPPORT_SET = config["segment"]["support_set"] or R.support_set(MODEL)
+SUPPORT_SET = config["segment"]["support_set"] or support_set_beside(CHECKPOINT)
 NEEDS_SUPPORT = config["segment"]["decoder"] == "nearest_neighbour"
-if config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDING_HEAD:
+# The decoder settings tuned for the model (rules/tune.smk): the tune job chooses them on the
+# labelled volumes, train.validation where given, else train.volumes (never a volume that is
+# only segmented). With model.checkpoint set and nothing labelled to tune on there is no tune
+# job: segment reads the decoder.json beside that checkpoint where there is one, else nothing.
+TUNE_VOLUMES = config["train"]["validation"] or config["train"]["volumes"]
+TUNE_CHECKPOINT = CHECKPOINT
+if TUNE_VOLUMES:
+    DECODER_SETTINGS = R.decoder_settings(MODEL)
+elif os.path.exists(decoder_settings_beside(TUNE_CHECKPOINT)):
+    DECODER_SETTINGS = decoder_settings_beside(TUNE_CHECKPOINT)
+else:
+    DECODER_SETTINGS = None
+# A model from elsewhere (model.checkpoint) carries its own head: segment checks its channels.
+if TRAINS and config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDING_HEAD:
     raise WorkflowError(
         f"segment.decoder {config['segment']['decoder']} reads embeddings, but model.head is "
         f"{config['model']['head']}: set model.head embedding (and retrain), or pick segment.decoder auto"
@@ -72,7 +106,7 @@ def slice_voxels(vol):
         height, width = png_header(slice_files(vol)[0])[:2]
     except EmmitoError as exc:
         raise WorkflowError(f"volumes.{vol}.images: {exc}") from None
-    factor = config["infer"]["downsample_xy"]
+    factor = config["model"][DOWNSAMPLE_XY]
     return max(1, (height // factor) * (width // factor))
 
 
@@ -90,10 +124,17 @@ def volume_layout(vol):
 
 
 def all_outputs():
-    """Final targets: the traced, full-resolution segmentation and, where labels exist, metrics."""
-    targets = [R.checkpoint(MODEL)]
-    if config["train"]["volumes"]:
+    """Final targets: the traced, full-resolution segmentation and, where labels exist, metrics.
+
+    The model and its training report only where the workflow trains it (model.checkpoint empty).
+    """
+    targets = []
+    if TRAINS:
+        targets.append(R.checkpoint(MODEL))
+    if TRAINS and config["train"]["volumes"]:
         targets.append(R.model_report(MODEL))
+    if DECODER_SETTINGS:
+        targets.append(R.model_report(MODEL, "decoder.html"))
     for vol in config["infer"]["volumes"]:
         targets.append(R.seg(vol))
         targets.append(R.neuroglancer(vol))
@@ -123,10 +164,14 @@ def train_inputs(wildcards):
     vols = config["train"]["volumes"] + config["train"]["validation"]
     if not config["train"]["volumes"]:
         raise WorkflowError(
-            "train.volumes is empty: name the labelled volumes to train on (or put a trained checkpoint at "
-            f"{R.checkpoint(MODEL)})"
+            "train.volumes is empty: name the labelled volumes to train on, or set model.checkpoint to a "
+            f"trained checkpoint (e.g. {R.checkpoint(MODEL)}, where an earlier run wrote one) to use it without training"
         )
-    return [path for v in vols for path in (R.image(v), R.label(v))]
+    inputs = [path for v in vols for path in (R.image(v), R.label(v))]
+    # Fine-tuning: the checkpoint it starts from is an input, so that a new one there retrains.
+    return inputs + (
+        [config["train"]["init_from"]] if config["train"]["init_from"] else []
+    )
 
 
 def train_args(wildcards):
@@ -144,7 +189,38 @@ def segment_inputs(wildcards):
     inputs = {"heat": R.heat_block(wildcards.vol, wildcards.block)}
     if NEEDS_SUPPORT:
         inputs["support"] = SUPPORT_SET
+    if DECODER_SETTINGS:
+        inputs["settings"] = DECODER_SETTINGS
     return inputs
+
+
+def decoder_settings_arg(wildcards, input):
+    return f"--decoder-settings {input.settings}" if DECODER_SETTINGS else ""
+
+
+def tune_inputs(wildcards):
+    inputs = {"checkpoint": TUNE_CHECKPOINT}
+    inputs["volumes"] = [p for v in TUNE_VOLUMES for p in (R.image(v), R.label(v))]
+    if NEEDS_SUPPORT:
+        inputs["support"] = SUPPORT_SET
+    return inputs
+
+
+def tune_args(wildcards):
+    return " ".join(f"--volume {v} {R.image(v)} {R.label(v)}" for v in TUNE_VOLUMES)
+
+
+def tune_support_arg(wildcards, input):
+    return f"--support {input.support}" if NEEDS_SUPPORT else ""
+
+
+def tune_mem_mb(wildcards, attempt):
+    """tune holds up to tune.max_slices slices of each volume: heat, labels and the float prediction."""
+    most = config["tune"]["max_slices"]
+    voxels = sum(
+        min(depth(v), most or depth(v)) * slice_voxels(v) for v in TUNE_VOLUMES
+    )
+    return int((2000 + 40 * voxels / 2**20) * attempt)
 
 
 def train_outputs():
@@ -175,22 +251,39 @@ def evaluate_inputs(wildcards):
 # ---- parameters ------------------------------------------------------------------
 
 
-def stage_params(*sections, **overrides):
-    """The config sections a stage reads, as one shell-quoted JSON argument.
+def stage_params(stage, **overrides):
+    """The keys that change ``stage``'s output, as one shell-quoted JSON argument (``--params``).
 
-    Being a param, a change in these values makes Snakemake rerun the stage.
+    emmito.config.stage_params chooses them from the schema's x-stages: being a param, a
+    change in these values reruns the stage, and a change in any other key does not. They
+    hold the stage's output version (contract.OUTPUT_VERSIONS), never the package's.
     ``overrides``: {section: {key: value}} set on top (paths the workflow resolves).
     """
-    chosen = {
-        s: (
-            {**config[s], **overrides.get(s, {})}
-            if isinstance(config[s], dict)
-            else config[s]
-        )
-        for s in sections
-    }
-    chosen["emmito_version"] = emmito.__version__
+    chosen = emmito_config.stage_params(VALIDATED, stage)
+    for section, values in overrides.items():
+        chosen[section] = {**chosen.get(section, {}), **values}
     return shlex.quote(json.dumps(chosen, sort_keys=True, separators=(",", ":")))
+
+
+# The keys each stage reads that change no output (threads, batch sizes): not params, so a
+# change reruns nothing. They reach the jobs as environment variables EMMITO_RUNTIME_<STAGE>,
+# set here at parse time (so in every process that runs a job: snakemake parses this file
+# again inside each cluster job), and the shell commands pass them on as
+# --runtime "$EMMITO_RUNTIME_<STAGE>": the command template (the rule's "code") never changes.
+def runtime_variable(stage):
+    return f"EMMITO_RUNTIME_{stage.upper()}"
+
+
+os.environ.update(
+    {
+        runtime_variable(stage): json.dumps(
+            emmito_config.runtime_params(VALIDATED, stage),
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        for stage in OUTPUT_VERSIONS
+    }
+)
 
 
 # ---- resources -------------------------------------------------------------------

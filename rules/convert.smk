@@ -17,6 +17,7 @@ rule convert:
     params:
         images=images_arg,
         voxel_size=voxel_size_arg,
+        output_version=OUTPUT_VERSIONS["convert"],
     shell:
         "emmito convert --images {params.images} --voxel-size {params.voxel_size}"
         " --image-out {output} > {log} 2>&1"
@@ -42,6 +43,7 @@ rule convert_labels:
         images=images_arg,
         labels=labels_arg,
         voxel_size=voxel_size_arg,
+        output_version=OUTPUT_VERSIONS["convert"],
     shell:
         "emmito convert --images {params.images} {params.labels} --voxel-size {params.voxel_size}"
         " --label-out {output} > {log} 2>&1"

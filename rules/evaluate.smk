@@ -17,4 +17,5 @@ rule evaluate:
     params:
         config=stage_params("evaluate"),
     shell:
-        "emmito evaluate {input.seg} {input.label} {output} --params {params.config} > {log} 2>&1"
+        "emmito evaluate {input.seg} {input.label} {output} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_EVALUATE" > {log} 2>&1'

@@ -30,4 +30,5 @@ rule export:
     params:
         config=stage_params("export"),
     shell:
-        "emmito export {input.seg} {input.image} {output} --params {params.config} > {log} 2>&1"
+        "emmito export {input.seg} {input.image} {output} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_EXPORT" > {log} 2>&1'

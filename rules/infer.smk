@@ -2,7 +2,7 @@ rule infer:
     """Heatmap of chunk {chunk}: its slices only, computed with a z-halo (GPU rule)."""
     input:
         image=R.image(),
-        checkpoint=R.checkpoint(MODEL),
+        checkpoint=CHECKPOINT,
     output:
         R.heat_chunk(),
     log:
@@ -17,7 +17,7 @@ rule infer:
         mem_mb=mem_mb(chunk_slices_of, 24, base_mb=2000),
         runtime=runtime_minutes(120),
     params:
-        config=stage_params("model", "infer"),
+        config=stage_params("infer"),
     shell:
         "emmito infer {input.image} {input.checkpoint} {output} --chunk {wildcards.chunk}"
-        " --params {params.config} > {log} 2>&1"
+        ' --params {params.config} --runtime "$EMMITO_RUNTIME_INFER" > {log} 2>&1'

@@ -15,6 +15,7 @@ rule merge:
         mem_mb=mem_mb(chunk_slices_of, 4),
         runtime=runtime_minutes(30),
     params:
-        config=stage_params("infer", "merge"),
+        config=stage_params("merge"),
     shell:
-        "emmito merge {output} {input} --block {wildcards.block} --params {params.config} > {log} 2>&1"
+        "emmito merge {output} {input} --block {wildcards.block} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_MERGE" > {log} 2>&1'

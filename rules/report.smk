@@ -24,6 +24,8 @@ rule report_training:
     resources:
         mem_mb=mem_mb(no_slices, 0, base_mb=1000),
         runtime=runtime_minutes(10),
+    params:
+        output_version=OUTPUT_VERSIONS["report"],
     shell:
         "emmito report --training {input} {output} > {log} 2>&1"
 
@@ -55,6 +57,8 @@ rule report_scores:
     resources:
         mem_mb=mem_mb(no_slices, 0, base_mb=1000),
         runtime=runtime_minutes(10),
+    params:
+        output_version=OUTPUT_VERSIONS["report"],
     shell:
         "emmito report --scores {input} {output.plot} {output.table} > {log} 2>&1"
 
@@ -88,6 +92,37 @@ rule report_volume:
     resources:
         mem_mb=mem_mb(one_slice, 40, base_mb=1000),
         runtime=runtime_minutes(10),
+    params:
+        output_version=OUTPUT_VERSIONS["report"],
     shell:
         "emmito report --volume {input.seg} {input.image} {input.id_map} {output.overlays} {output.sizes}"
         " > {log} 2>&1"
+
+
+# Only where segment reads tuned settings (DECODER_SETTINGS, rules/common.smk).
+if DECODER_SETTINGS:
+
+    rule report_decoder:
+        """The decoder settings tuned for the model (decoder.json) as a table: chosen values, scores, volumes."""
+        input:
+            DECODER_SETTINGS,
+        output:
+            report(
+                R.model_report(MODEL, "decoder.html"),
+                caption="../report/decoder.rst",
+                category="Training",
+            ),
+        log:
+            R.model_report(MODEL, "decoder.log"),
+        benchmark:
+            R.model_report(MODEL, "decoder.benchmark.tsv")
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            mem_mb=mem_mb(no_slices, 0, base_mb=1000),
+            runtime=runtime_minutes(10),
+        params:
+            output_version=OUTPUT_VERSIONS["report"],
+        shell:
+            "emmito report --decoder {input} {output} > {log} 2>&1"

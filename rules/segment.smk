@@ -15,8 +15,10 @@ rule segment:
         mem_mb=mem_mb(block_slices_of, 24),
         runtime=runtime_minutes(120),
     params:
+        settings=decoder_settings_arg,
         config=stage_params(
             "segment", segment={"support_set": SUPPORT_SET} if NEEDS_SUPPORT else {}
         ),
     shell:
-        "emmito segment {input.heat} {output} --params {params.config} > {log} 2>&1"
+        "emmito segment {input.heat} {output} {params.settings} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_SEGMENT" > {log} 2>&1'

@@ -16,6 +16,7 @@ rule trace:
         mem_mb=mem_mb(block_slices_of, 12),
         runtime=runtime_minutes(120),
     params:
-        config=stage_params("merge", "trace"),
+        config=stage_params("trace"),
     shell:
-        "emmito trace {output.seg} {output.id_map} {input} --params {params.config} > {log} 2>&1"
+        "emmito trace {output.seg} {output.id_map} {input} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_TRACE" > {log} 2>&1'

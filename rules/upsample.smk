@@ -18,4 +18,5 @@ rule upsample:
     params:
         config=stage_params("upsample"),
     shell:
-        "emmito upsample {input.traced} {input.image} {output} --params {params.config} > {log} 2>&1"
+        "emmito upsample {input.traced} {input.image} {output} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_UPSAMPLE" > {log} 2>&1'

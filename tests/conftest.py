@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 # ---- SLURM (tests/test_slurm.py) ---------------------------------------------------------
 
@@ -43,3 +44,15 @@ def slurm_cluster() -> set[str]:
             "use the cluster of sudo tests/slurm/start-slurm.sh"
         )
     return partitions
+
+
+# ---- torch ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny convolutions on a shared 2-core machine run several times faster so."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -99,9 +99,9 @@ def stage_args(argv: list[str]):
 def test_stage_config_fills_every_section_and_records_the_params_keys():
     from emmito import cli
 
-    params = {"segment": {"min_size": 5}, "train": {"discriminative": {"support_voxels": 64}}, "emmito_version": "x"}
+    params = {"segment": {"min_size": 5}, "train": {"discriminative": {"support_voxels": 64}}, "output_version": 3}
     config = cli.stage_config(stage_args(["segment", "h.h5", "s.h5", "--params", json.dumps(params)]))
-    assert set(config) == set(cli.SECTIONS)  # complete: every section, no volumes, no version
+    assert set(config) == set(cli.SECTIONS)  # complete: every section, no volumes, no output version
     assert config["segment"]["min_size"] == 5 and config["segment"]["seed_threshold"] == 150
     assert config["train"]["discriminative"]["support_voxels"] == 64
     assert config.explicit == {"segment", "segment.min_size", "train", "train.discriminative", "train.discriminative.support_voxels"}
@@ -136,14 +136,61 @@ def test_stage_config_takes_the_config_file_then_params_on_top(tmp_path):
     assert not any(key.startswith("volumes") for key in config.explicit)
 
 
+def test_stage_config_is_the_workflow_config_from_params_and_runtime():
+    """What a rule passes (config.stage_params, config.runtime_params) gives the stage the config's own values."""
+    from emmito import cli
+    from emmito import config as cfg
+
+    config = cfg.validate({
+        "volumes": {"v": {"images": "em/"}},
+        "model": {"filters": [4, 8]},
+        "infer": {"volumes": ["v"], "tta": 4, "batch_size": 8, "threads": 2},
+        "segment": {"min_size": 5},
+    })
+    params, runtime = cfg.stage_params(config, "infer"), cfg.runtime_params(config, "infer")
+    assert "batch_size" not in params["infer"] and runtime["infer"]["batch_size"] == 8
+    sections = cli.stage_config(stage_args(
+        ["infer", "i.h5", "c.pt", "o.h5", "--chunk", "0", "--params", json.dumps(params), "--runtime", json.dumps(runtime)]
+    ))
+    assert sections["infer"] == config["infer"] | {"volumes": []}  # infer.volumes is the workflow's: the default
+    assert sections["model"] == config["model"]
+    # keys this stage's params do not hold are defaults, not the config's
+    assert sections["segment"]["min_size"] == 1000
+    # what the user set is the params' and runtime's explicit lists: not every key they carry
+    assert sections.explicit == {"model.filters", "infer.tta", "infer.batch_size", "infer.threads"}
+    assert not sections.is_explicit("infer.blend_sigma") and not sections.is_explicit("model.norm")
+
+
+def test_runtime_goes_over_params_and_an_empty_explicit_list_means_all_defaults():
+    from emmito import cli
+
+    params = {"infer": {"tta": 4, "batch_size": 2}, "explicit": [], "output_version": 1}
+    runtime = {"infer": {"batch_size": 16}}
+    sections = cli.stage_config(stage_args(
+        ["infer", "i.h5", "c.pt", "o.h5", "--chunk", "0", "--params", json.dumps(params), "--runtime", json.dumps(runtime)]
+    ))
+    assert sections["infer"]["tta"] == 4 and sections["infer"]["batch_size"] == 16
+    # no explicit list in --runtime: its keys count as set; the params' list says none of theirs were
+    assert sections.explicit == {"infer", "infer.batch_size"}
+
+
+@pytest.mark.bad_input
+def test_bad_runtime_json_is_one_line(tmp_path):
+    result = emmito("segment", "a.h5", "b.h5", "--runtime", "[1]")
+    assert result.returncode == 2 and "--runtime must be a JSON object of config sections" in result.stderr
+    result = emmito("segment", "a.h5", "b.h5", "--runtime", '{"segment": {"thread": 1}}')
+    assert result.returncode == 2 and "--runtime: unknown key 'thread' in 'segment'" in result.stderr
+
+
 def test_every_verb_is_in_the_parser():
     from emmito import cli
 
     parser = cli.build_parser()
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
     assert list(verbs) == [
-        "synth", "convert", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export",
+        "synth", "convert", "train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export",
         "view", "report", "summary",
     ]
     staged = [name for name, sub in verbs.items() if any(a.dest == "params" for a in sub._actions)]
-    assert staged == ["train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export"]
+    assert staged == ["train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export"]
+    assert staged == [name for name, sub in verbs.items() if any(a.dest == "runtime" for a in sub._actions)]

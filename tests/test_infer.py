@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from emmito import __version__, io
+from emmito import __version__, contract, io
 from emmito.config import section_defaults
 from emmito.contract import fixture, save_checkpoint
 from emmito.infer import AlignedWriter, infer_chunk, run_cli
@@ -33,13 +33,7 @@ from emmito.resampling import mean_pool_xy
 TINY = dict(filters=[2, 4], conv3d_from_level=0, pool_z_from_level=0, patch=[4, 8, 8])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny convolutions on a shared 2-core machine run several times faster on one thread than on two.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def params(model: dict | None = None, infer: dict | None = None) -> dict:
@@ -297,13 +291,15 @@ def test_mean_pool_xy_averages_blocks_and_edge_remainders():
     assert mean_pool_xy(slices, 1) is slices
 
 
-def write_fixture(tmp_path, shape=(6, 20, 24)) -> tuple:
+def write_fixture(tmp_path, shape=(6, 20, 24), factor: int = 1) -> tuple:
+    """An image and the checkpoint of a tiny random model trained (so to speak) at pooling ``factor``, without a voxel size."""
     image = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
     fixture(tmp_path / "image.h5", "image", image, voxel_size=[40, 8, 8])
     model = tiny_model()
     save_checkpoint(
         tmp_path / "ckpt.pt",
-        {"model_config": params()["model"], "state_dict": model.state_dict(), "channels": ["foreground"],
+        {"model_config": {**params()["model"], contract.DOWNSAMPLE_XY: factor}, "state_dict": model.state_dict(),
+         "channels": ["foreground"], contract.CHECKPOINT_DOWNSAMPLE_XY: factor,
          "input_norm": {"mean": 127.5, "std": 127.5}, "emmito_version": __version__},
     )
     return image, model
@@ -311,8 +307,9 @@ def write_fixture(tmp_path, shape=(6, 20, 24)) -> tuple:
 
 @pytest.mark.parametrize("factor", [1, 2, 4])
 def test_infer_cli_writes_the_heat_contract(tmp_path, factor):
-    image, model = write_fixture(tmp_path)
-    cfg = params(infer={"chunk_slices": 4, "downsample_xy": factor})
+    # The checkpoint's pooling factor is the one used (the image's voxel size picks it where the checkpoint records one).
+    image, model = write_fixture(tmp_path, factor=factor)
+    cfg = params(model={contract.DOWNSAMPLE_XY: factor}, infer={"chunk_slices": 4})
     args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "chunk_1.h5", chunk=1)
     run_cli(args, cfg)
     heat, attrs = io.read_volume(tmp_path / "chunk_1.h5")
@@ -328,7 +325,11 @@ def test_infer_cli_writes_the_heat_contract(tmp_path, factor):
 @pytest.mark.bad_input
 def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path):
     write_fixture(tmp_path)
-    with pytest.raises(EmmitoError, match=r"ckpt\.pt was trained with model\.filters=\[2,4\], the config says \[4,8\]: retrain or fix the config"):
+    with pytest.raises(
+        EmmitoError,
+        match=r"ckpt\.pt was trained with model\.filters=\[2,4\], the config says \[4,8\]: retrain or fix the config "
+        r"\(drop model\.filters: the checkpoint carries it\)",
+    ):
         load_checkpoint(tmp_path / "ckpt.pt", params(model={"filters": [4, 8]})["model"])
     # The inference patch may differ from the training patch: it is not part of the architecture.
     model, checkpoint = load_checkpoint(tmp_path / "ckpt.pt", params(model={"patch": [2, 16, 16]})["model"])
@@ -357,3 +358,28 @@ def test_infer_verb_reports_a_mismatch_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model.norm=group, the config says batch" in result.stderr
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_model_keys_left_to_their_defaults_never_conflict_and_set_ones_are_checked(tmp_path):
+    """What the CLI hands infer (``config.Validated``): only the model keys the user set are checked against the checkpoint."""
+    from emmito.config import validate_sections
+
+    image, model = write_fixture(tmp_path)  # TINY: filters [2, 4]; the schema's default is [16, 32, 64, 128]
+    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "chunk_1.h5", chunk=1)
+    run_cli(args, validate_sections({"infer": {"chunk_slices": 4}}))
+    expected = to_heat(predict_slices(model, lambda a, b: image[a:b], 6, 4, 6, TINY["patch"], 0.5, 4, progress=False))
+    assert np.abs(io.read_volume(args.out)[0].astype(int) - expected.astype(int)).max() <= 1
+    # The inference window may differ from the training patch where it fits the network.
+    args.out = tmp_path / "patch.h5"
+    run_cli(args, validate_sections({"model": {"patch": [2, 16, 16]}, "infer": {"chunk_slices": 4}}))
+    expected = to_heat(predict_slices(model, lambda a, b: image[a:b], 6, 4, 6, [2, 16, 16], 0.5, 4, progress=False))
+    assert np.abs(io.read_volume(args.out)[0].astype(int) - expected.astype(int)).max() <= 1
+    for model_keys, message in (
+        ({"filters": [16, 32, 64, 128]}, r"was trained with model\.filters=\[2,4\], the config says \[16,32,64,128\]"),
+        ({"downsample_xy": 2}, r"was trained with model\.downsample_xy=1, the config says 2"),
+        ({"patch": [3, 16, 16]}, r"model\.patch is \[3, 16, 16\], but a U-Net with 2 levels"),
+    ):
+        args.out = tmp_path / "refused.h5"
+        with pytest.raises(EmmitoError, match=message):
+            run_cli(args, validate_sections({"model": model_keys, "infer": {"chunk_slices": 4}}))
+        assert not args.out.exists()

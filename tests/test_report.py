@@ -29,6 +29,20 @@ METRICS = {
 }
 
 
+DECODER = {
+    "decoder": "heat_watershed", "heat": "probability", "target": "binary",
+    "settings": {"foreground_threshold": 160, "seed_threshold": 200, "min_size": 250},
+    "score": 0.8426, "instance_f1": 0.9362,
+    "untuned": {"settings": {"foreground_threshold": 128, "seed_threshold": 150, "min_size": 1000}, "score": 0.61, "instance_f1": 0.7},
+    "volumes": [{"name": "val", "slices": [0, 24], "score": 0.8426, "instance_f1": 0.9362, "instance_precision": 1.0,
+                 "instance_recall": 0.88, "voxel_iou": 0.97, "f1_2d": 0.93, "gt_objects": 16, "predicted_objects": 14}],
+    "trials": [
+        {"settings": {"foreground_threshold": 128, "seed_threshold": 160, "min_size": 250}, "score": 0.80, "instance_f1": 0.93},
+        {"settings": {"foreground_threshold": 160, "seed_threshold": 200, "min_size": 250}, "score": 0.8426, "instance_f1": 0.9362},
+    ],
+}
+
+
 def training_records(n: int = 30, validate_every: int | None = 10) -> list[dict]:
     records = []
     for iteration in range(1, n + 1):
@@ -66,7 +80,24 @@ def volume(tmp_path_factory):
     write_json(folder / "trace.json", {"blocks": 1, "objects": objects, "id_map": {}})
     write_json(folder / "metrics.json", METRICS)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in training_records()))
+    contract.save_decoder_settings(folder / "decoder.json", DECODER)
     return folder
+
+
+def test_decoder_table_shows_the_tuned_values_their_scores_and_volumes(volume, tmp_path):
+    page = report.decoder_table(contract.load_decoder_settings(volume / "decoder.json"), title="decoder.json")
+    assert page == report.decoder_table(DECODER, title="decoder.json")  # same record, same bytes
+    assert "<b>heat_watershed</b>" in page and "settings chosen on val from 2 trials" in page
+    assert "<tr><td>foreground_threshold</td><td>160</td><td>128</td></tr>" in page
+    assert "<tr><td>min_size</td><td>250</td><td>1000</td></tr>" in page
+    assert "<td>0.8426</td><td>0.6100</td>" in page and "<td>val</td><td>0-24</td>" in page
+    # the best trial first
+    assert page.index("foreground_threshold 160, min_size 250, seed_threshold 200") < page.index("foreground_threshold 128, min_size 250")
+    out = tmp_path / "decoder.html"
+    result = subprocess.run([sys.executable, "-m", "emmito.cli", "report", "--decoder", str(volume / "decoder.json"), str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == report.decoder_table(DECODER, title=str(volume / "decoder.json"))
 
 
 def test_training_plot_is_a_png_and_deterministic(tmp_path):
@@ -156,16 +187,18 @@ def test_snakemake_report_builds(volume, tmp_path):
     for name in ("image.h5", "seg.h5", "trace.json", "metrics.json"):
         shutil.copy2(volume / name, results / "deploy" / name)
     shutil.copy2(volume / "metrics.jsonl", results / "model/tiny/metrics.jsonl")
+    shutil.copy2(volume / "decoder.json", results / "model/tiny/decoder.json")
     targets = [
         "results/model/tiny/report/training.png",
+        "results/model/tiny/report/decoder.html",
         *(f"results/deploy/report/{name}" for name in ("overlays.png", "sizes.png", "scores.png", "metrics.html")),
     ]
-    allowed = ["--allowed-rules", "report_training", "report_scores", "report_volume", "--"]
+    allowed = ["--allowed-rules", "report_training", "report_decoder", "report_scores", "report_volume", "--"]
     snakemake(project, "--cores", "2", *allowed, *targets)
     result = snakemake(project, "--report", "report.html", *allowed, *targets)
     assert "Report created" in result.stderr
     page = (project / "report.html").read_text()
-    for name in ("training.png", "overlays.png", "sizes.png", "scores.png", "metrics.html"):
+    for name in ("training.png", "decoder.html", "overlays.png", "sizes.png", "scores.png", "metrics.html"):
         assert name in page, f"{name} missing from the report"
     for category in ("Training", "Evaluation", "Segmentation"):
         assert category in page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import cc3d
@@ -25,6 +26,7 @@ from emmito.decoders import (
 )
 from emmito.io import read_volume
 from emmito.metrics import instance_f1
+from emmito.tuning import PROBABILITY_FOREGROUND_THRESHOLD
 
 
 
@@ -226,9 +228,47 @@ def test_cli_writes_block_with_heat_attrs(tmp_path):
     code = cli.main(["segment", str(heat_path), str(out), "--params", '{"segment": {"min_size": 20, "min_seed_size": 4}}'])
     assert code == 0
     labels, out_attrs = read_volume(out)
-    assert np.array_equal(labels, segment_block(heat, SMALL))
+    # Nothing tuned and no threshold set: a probability heatmap is cut at 0.5, not the skeleton-distance 16.
+    assert np.array_equal(labels, segment_block(heat, {**SMALL, "foreground_threshold": PROBABILITY_FOREGROUND_THRESHOLD}))
     assert out_attrs["offset"] == 20 and out_attrs["volume_depth"] == 30 and out_attrs["downsample_xy"] == 2
     assert out_attrs["voxel_size"] == [40.0, 16.0, 16.0]
+
+
+def test_cli_uses_decoder_json_and_a_key_set_in_the_config_wins_over_it(tmp_path, capsys):
+    heat = ellipsoid_heat((12, 40, 60), [(6, 20, 20), (6, 20, 38)], [(5, 9, 11), (5, 9, 11)])
+    heat_path = contract.fixture(tmp_path / "heat" / "block_0.h5", "heat", heat[None])
+    settings = tmp_path / "model" / "decoder.json"
+    tuned = {"foreground_threshold": 60, "seed_threshold": 240, "min_size": 30}
+    contract.save_decoder_settings(settings, {"decoder": "heat_watershed", "settings": tuned})
+
+    def segment(params: dict, name: str) -> np.ndarray:
+        out = tmp_path / "seg" / f"{name}.h5"
+        argv = ["segment", str(heat_path), str(out), "--decoder-settings", str(settings), "--params", json.dumps(params)]
+        assert cli.main(argv) == 0
+        return read_volume(out)[0]
+
+    used = segment({"segment": {"min_seed_size": 4}}, "tuned")
+    assert np.array_equal(used, segment_block(heat, full({"min_seed_size": 4, **tuned})))
+    assert f"foreground_threshold 60 ({settings}), seed_threshold 240 ({settings}), min_size 30 ({settings})" in capsys.readouterr().err
+    # A key the user set wins over its tuned value; the other tuned values stay.
+    mine = segment({"segment": {"min_seed_size": 4, "foreground_threshold": 150}}, "mine")
+    assert np.array_equal(mine, segment_block(heat, full({"min_seed_size": 4, **tuned, "foreground_threshold": 150})))
+    assert not np.array_equal(mine, used)
+    assert "foreground_threshold 150 (config)" in capsys.readouterr().err
+    # The workflow passes whole sections with the list of keys the user set: the defaults in them do not override.
+    workflow = {"segment": full({"min_seed_size": 4, "foreground_threshold": 150}), "explicit": ["segment.foreground_threshold", "segment.min_seed_size"]}
+    assert np.array_equal(segment(workflow, "workflow"), mine)
+    assert f"min_size 30 ({settings})" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+def test_cli_refuses_a_corrupt_decoder_json(tmp_path, capsys):
+    heat_path = contract.fixture(tmp_path / "block_0.h5", "heat", np.zeros((4, 8, 8), np.uint8))
+    (tmp_path / "decoder.json").write_text("{")
+    assert cli.main(["segment", str(heat_path), str(tmp_path / "out.h5"), "--decoder-settings", str(tmp_path / "decoder.json")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "decoder.json: not readable decoder settings" in message and "rerun the tune rule" in message
+    assert len(message.splitlines()) == 1 and not (tmp_path / "out.h5").exists()
 
 
 @pytest.mark.bad_input

@@ -165,3 +165,30 @@ def test_too_small_or_zero_density_refused():
         synthesize(4, 8, seed=0)
     with pytest.raises(EmmitoError, match="density"):
         synthesize(4, 32, seed=0, density=0)
+
+
+def test_the_domain_knobs_default_to_the_bytes_synth_always_wrote():
+    """contrast and object_scale (for transfer tests) at 1.0 leave every byte as before they existed."""
+    import hashlib
+
+    image, labels = synthesize(12, 64, seed=7)
+    # Recorded with the synth of before the knobs (same numpy/scipy): the demo and the tests' data did not change.
+    assert hashlib.sha256(image.tobytes() + labels.tobytes()).hexdigest()[:16] == "4be88e0abe25b25a"
+    explicit = synthesize(12, 64, seed=7, contrast=1.0, object_scale=1.0)
+    assert np.array_equal(explicit[0], image) and np.array_equal(explicit[1], labels)
+
+
+def test_contrast_and_object_scale_make_another_domain():
+    image, labels = synthesize(12, 96, seed=3)
+    low, same_labels = synthesize(12, 96, seed=3, contrast=0.5)
+    assert np.array_equal(same_labels, labels)  # contrast changes the look only
+    inside, outside = labels > 0, labels == 0
+    gap = float(image[outside].mean() - image[inside].mean())
+    low_gap = float(low[outside].mean() - low[inside].mean())
+    assert 0.4 * gap < low_gap < 0.6 * gap, (gap, low_gap)
+    _, large = synthesize(12, 96, seed=3, object_scale=1.6)
+    sizes = np.bincount(labels.ravel())[1:]
+    large_sizes = np.bincount(large.ravel())[1:]
+    assert np.median(large_sizes) > 1.8 * np.median(sizes), (np.median(sizes), np.median(large_sizes))
+    with pytest.raises(EmmitoError, match="must be > 0"):
+        synthesize(4, 32, seed=0, contrast=0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from emmito import contract
 from emmito.config import section_defaults
 from emmito.contract import fixture, save_checkpoint
 from emmito.io import EmmitoError
@@ -23,12 +24,16 @@ TINY = dict(filters=[4, 8], conv3d_from_level=1, pool_z_from_level=1, patch=[4, 
 
 
 def params(seed: int = 0, **train) -> dict:
+    """Train's params: seed, model and train (complete sections, as the CLI gives).
+
+    Training reads no other section; ``infer`` is here for the tests that predict
+    with ``prediction.predict_volume`` themselves.
+    """
     return {
         "seed": seed,
         "model": {**section_defaults("model"), **TINY},
         "train": {**section_defaults("train"), "iterations": 3, "batch_size": 2, "warmup_iterations": 1, "threads": 1, **train},
         "infer": {**section_defaults("infer"), "batch_size": 8},
-        "segment": section_defaults("segment"),  # validation F1 decodes with it: a complete section, as the CLI gives
     }
 
 
@@ -132,6 +137,7 @@ def test_train_cli_writes_checkpoint_and_metrics(tmp_path):
     assert [line["iteration"] for line in lines] == [1, 2] and all("loss" in line and "seconds" in line for line in lines)
     _, checkpoint = load_checkpoint(args.checkpoint, params()["model"])
     assert checkpoint["iteration"] == 2 and "last_state_dict" not in checkpoint
+    assert checkpoint[contract.CHECKPOINT_VOXEL_SIZE] == [40.0, 8.0, 8.0]  # the image file's voxel size
     # The resume state is removed once the checkpoint is written.
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
 
@@ -186,9 +192,12 @@ def test_training_sees_the_inference_scale(monkeypatch):
 
     monkeypatch.setattr(PatchSampler, "__init__", spy)
     cfg = params(iterations=1)
-    cfg["infer"]["downsample_xy"] = 2
-    checkpoint, _ = train_model([blob_volume(0, shape=(8, 64, 64))], [], cfg, progress=False)
-    assert seen == [((8, 32, 32), np.float32)] and checkpoint["downsample_xy"] == 2
+    cfg["model"][contract.DOWNSAMPLE_XY] = 2
+    checkpoint, _ = train_model([blob_volume(0, shape=(8, 64, 64))], [], cfg, progress=False, voxel_size=[40, 8, 8])
+    assert seen == [((8, 32, 32), np.float32)] and checkpoint[contract.CHECKPOINT_DOWNSAMPLE_XY] == 2
+    # The checkpoint records the voxels the network saw: the images' y and x times the pooling.
+    assert checkpoint[contract.CHECKPOINT_VOXEL_SIZE] == [40.0, 16.0, 16.0]
+    assert checkpoint[contract.CHECKPOINT_MODEL_CONFIG][contract.DOWNSAMPLE_XY] == 2
 
 
 @pytest.mark.parametrize("target", ["binary_contour", "skeleton_distance"])
@@ -204,3 +213,131 @@ def test_other_targets_train_with_deep_supervision_and_tensorboard(tmp_path, tar
     assert checkpoint["channels"] == (["foreground", "contour"] if target == "binary_contour" else ["skeleton_distance"])
     assert np.isfinite(metrics[-1]["loss"]) and "val_iou" in metrics[-1]
     assert any((tmp_path / "tb").iterdir())
+
+
+# ---- training's own validation settings ------------------------------------------------------
+
+
+def test_validation_has_settings_of_its_own_and_never_reads_the_infer_section():
+    from emmito.train import VALIDATION_BLEND_SIGMA, VALIDATION_TILE_OVERLAP, VALIDATION_TTA
+
+    assert (VALIDATION_TILE_OVERLAP, VALIDATION_TTA) == (0.5, 1)
+    assert VALIDATION_BLEND_SIGMA == section_defaults("infer")["blend_sigma"]
+    volume, validation = blob_volume(0), blob_volume(1)
+    plain = params(iterations=4, val_every=2)
+    del plain["infer"]
+    odd = params(iterations=4, val_every=2)
+    odd["infer"] = {**odd["infer"], "tile_overlap": 0.0, "tta": 16, "blend_sigma": 1.0, "batch_size": 1}
+    odd["segment"] = {**section_defaults("segment"), "foreground_threshold": 250, "min_size": 10**6}
+    first, first_metrics = train_model([volume], [validation], plain, progress=False)
+    second, second_metrics = train_model([volume], [validation], odd, progress=False)
+    assert contract.checkpoint_bytes(first) == contract.checkpoint_bytes(second)
+    assert [m.get("val_f1") for m in first_metrics] == [m.get("val_f1") for m in second_metrics]
+    assert first_metrics[-1]["val_iou"] > 0  # validation ran
+
+
+# ---- fine-tuning: train.init_from, train.freeze ------------------------------------------------
+
+
+def validated(model: dict | None = None, **train) -> dict:
+    """Train's params as the CLI hands them: every section filled, ``explicit`` = the keys given here."""
+    from emmito.config import validate_sections
+
+    base = {"iterations": 3, "batch_size": 2, "warmup_iterations": 1, "threads": 1}
+    return validate_sections({"seed": 0, "model": dict(model or {}), "train": {**base, **train}})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 20-iteration checkpoint of TINY on blobs, as train writes it (8 nm voxels, no pooling)."""
+    path = tmp_path_factory.mktemp("pretrained") / "checkpoint.pt"
+    checkpoint, _ = train_model([blob_volume(0)], [], params(iterations=20), progress=False, voxel_size=[40, 8, 8])
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+def test_init_from_starts_from_the_checkpoint_weights_with_its_architecture(pretrained):
+    # No model key set: the architecture (filters [4, 8], the levels, the patch) is the checkpoint's, not the defaults.
+    cfg = validated(init_from=str(pretrained), learning_rate=1e-9, warmup_iterations=0, iterations=1)
+    tuned, _ = train_model([blob_volume(2)], [], cfg, progress=False, voxel_size=[40, 8, 8])
+    start = contract.read_checkpoint(pretrained)[contract.CHECKPOINT_STATE]
+    assert tuned[contract.CHECKPOINT_MODEL_CONFIG]["filters"] == [4, 8] and tuned[contract.CHECKPOINT_MODEL_CONFIG]["patch"] == [4, 16, 16]
+    assert set(tuned["state_dict"]) == set(start)
+    # One step at a negligible learning rate: the weights are the checkpoint's, up to that step.
+    for key, value in start.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(tuned["state_dict"][key], value, rtol=0, atol=1e-6)
+    scratch, _ = train_model([blob_volume(2)], [], validated(TINY, learning_rate=1e-9, warmup_iterations=0, iterations=1), progress=False)
+    assert any(not torch.allclose(scratch["state_dict"][k], v, atol=1e-3) for k, v in start.items() if v.is_floating_point())
+    # The same seed and checkpoint give the same bytes.
+    again, _ = train_model([blob_volume(2)], [], cfg, progress=False, voxel_size=[40, 8, 8])
+    assert contract.checkpoint_bytes(again) == contract.checkpoint_bytes(tuned)
+    assert tuned[contract.CHECKPOINT_TRAIN_CONFIG]["init_from"] == str(pretrained)
+
+
+@pytest.mark.bad_input
+def test_a_user_set_model_key_that_contradicts_the_init_checkpoint_is_one_line(pretrained):
+    cfg = validated({"filters": [8, 16]}, init_from=str(pretrained))
+    with pytest.raises(EmmitoError) as error:
+        train_model([blob_volume(2)], [], cfg, progress=False)
+    assert str(error.value) == (
+        f"train.init_from {pretrained} was trained with model.filters=[4,8], the config says [8,16]: "
+        "retrain or fix the config (drop model.filters: the checkpoint carries it)"
+    )
+    # The same value set explicitly agrees; a patch that fits the network may be set; one that does not is named.
+    train_model([blob_volume(2)], [], validated({"filters": [4, 8], "patch": [2, 16, 16]}, init_from=str(pretrained)), progress=False)
+    with pytest.raises(EmmitoError, match=r"model\.patch is \[4, 15, 16\], but a U-Net with 2 levels"):
+        train_model([blob_volume(2)], [], validated({"patch": [4, 15, 16]}, init_from=str(pretrained)), progress=False)
+    with pytest.raises(EmmitoError, match=r"checkpoint not found"):
+        train_model([blob_volume(2)], [], validated(init_from=str(pretrained) + ".missing"), progress=False)
+
+
+def test_freeze_encoder_trains_only_the_decoder_path(pretrained):
+    cfg = validated(init_from=str(pretrained), freeze="encoder", iterations=3, learning_rate=0.01)
+    tuned, _ = train_model([blob_volume(2)], [], cfg, progress=False, voxel_size=[40, 8, 8])
+    start = contract.read_checkpoint(pretrained)[contract.CHECKPOINT_STATE]
+    encoder = [k for k in start if k.startswith(("stem.", "encoders."))]
+    decoder = [k for k in start if k.startswith(("ups.", "decoders.", "head."))]
+    assert encoder and decoder
+    assert all(torch.equal(tuned["state_dict"][k], start[k]) for k in encoder)
+    assert any(not torch.equal(tuned["state_dict"][k], start[k]) for k in decoder if start[k].is_floating_point())
+    with pytest.raises(EmmitoError, match="train.freeze encoder needs train.init_from"):
+        train_model([blob_volume(2)], [], validated(TINY, freeze="encoder"), progress=False)
+
+
+def test_fine_tuning_pools_new_images_to_the_checkpoints_voxel_size(pretrained, monkeypatch):
+    seen = []
+    original = PatchSampler.__init__
+
+    def spy(self, volumes, *args, **kwargs):
+        seen.extend(v[0].shape for v in volumes)
+        original(self, volumes, *args, **kwargs)
+
+    monkeypatch.setattr(PatchSampler, "__init__", spy)
+    cfg = validated(init_from=str(pretrained), iterations=1)
+    tuned, _ = train_model([blob_volume(2, shape=(8, 64, 64))], [], cfg, progress=False, voxel_size=[40, 4, 4])
+    assert seen == [(8, 32, 32)]  # 4 nm images pooled by 2 to the 8 nm the network was trained at
+    assert tuned[contract.CHECKPOINT_DOWNSAMPLE_XY] == 2 and tuned[contract.CHECKPOINT_VOXEL_SIZE] == [40.0, 8.0, 8.0]
+    with pytest.raises(EmmitoError, match=r"a training image has 40x12x12 nm voxels but .* was trained on 40x8x8 nm voxels"):
+        train_model([blob_volume(2)], [], cfg, progress=False, voxel_size=[40, 12, 12])
+
+
+def test_resume_works_when_fine_tuning(tmp_path, pretrained):
+    cfg = validated(init_from=str(pretrained), iterations=4, warmup_iterations=2, save_every=1)
+    whole, _ = train_model([blob_volume(2)], [], cfg, progress=False)
+    state = tmp_path / "ckpt.pt.resume"
+    train_model([blob_volume(2)], [], cfg, progress=False, resume_path=state, stop_after=2)
+    resumed, _ = train_model([blob_volume(2)], [], cfg, progress=False, resume_path=state)
+    assert contract.checkpoint_bytes(resumed) == contract.checkpoint_bytes(whole)
+
+
+@pytest.mark.bad_input
+def test_training_images_at_two_voxel_sizes_are_refused(tmp_path):
+    args = cli_args(tmp_path)
+    image, label = blob_volume(1)
+    fixture(tmp_path / "coarse.h5", "image", image, voxel_size=[40, 16, 16])
+    fixture(tmp_path / "coarse_label.h5", "label", label, voxel_size=[40, 16, 16])
+    args.val = [[tmp_path / "coarse.h5", tmp_path / "coarse_label.h5"]]
+    with pytest.raises(EmmitoError, match=r"coarse\.h5 has voxels of 40x16x16 nm but .*image\.h5 of 40x8x8 nm: a model trains at one"):
+        run_cli(args, params())
+    assert not args.checkpoint.exists()

@@ -74,9 +74,11 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, data_from:
     return dest
 
 
-def snakemake(project: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the project's workflow with the test venv's snakemake (emmito on PATH)."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+def snakemake(
+    project: Path, *args: str, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the project's workflow with the test venv's snakemake (emmito on PATH); ``env`` set on top."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **(env or {})}
     result = subprocess.run(
         [SNAKEMAKE, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
     )

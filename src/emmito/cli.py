@@ -2,8 +2,9 @@
 
 Each verb parses its arguments and calls its stage's ``run`` function. Stage
 parameters come as config sections, either from ``--config FILE`` (a workflow
-config) or ``--params JSON`` (what the Snakemake rules pass), with the schema's
-defaults filled in. Expected mistakes (``EmmitoError``) print one line, exit 2.
+config) or ``--params JSON`` and ``--runtime JSON`` (what the Snakemake rules
+pass: the keys that change the stage's output, and those that do not), with
+the schema's defaults filled in. Expected mistakes (``EmmitoError``) print one line, exit 2.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from emmito.io import EmmitoError
 if TYPE_CHECKING:
     from emmito.config import Validated
 
-SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate", "export")
+SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export")
 
 
 def stage_config(args: argparse.Namespace) -> Validated:
-    """The validated config sections for a verb: --config file, then --params on top.
+    """The validated config sections for a verb: --config file, then --params, then --runtime on top.
 
     Every section comes complete (the schema's defaults filled in); the result's
     ``explicit`` (``config.Validated``) names the keys the config file or
-    ``--params`` set, so that a stage can tell a user's value from a default.
+    ``--params`` / ``--runtime`` set, so that a stage can tell a user's value
+    from a default. Where the workflow's JSON carries an ``explicit`` list
+    (``config.stage_params``: the keys the user's config set), that list is
+    what counts as set, not every key the JSON holds.
     """
     from emmito import config as cfg
 
@@ -41,33 +45,39 @@ def stage_config(args: argparse.Namespace) -> Validated:
         loaded = cfg.load(args.config)
         partial = {k: v for k, v in loaded.items() if k in SECTIONS}
         explicit = frozenset(p for p in loaded.explicit if p.split(".", 1)[0] in SECTIONS)
-    if getattr(args, "params", None):
-        extra = _parse_params(args.params)
-        partial, explicit = _params_on_top(partial, explicit, extra)
-    validated = cfg.validate_sections(partial, "--params" if getattr(args, "params", None) else "config", explicit)
+    source = "config"
+    for flag in ("params", "runtime"):
+        if getattr(args, flag, None):
+            extra = _parse_params(getattr(args, flag), f"--{flag}")
+            listed = cfg.stage_explicit(extra)
+            extra.pop(cfg.PARAMS_EXPLICIT, None)
+            extra.pop(cfg.PARAMS_VERSION, None)
+            partial, explicit = _params_on_top(partial, explicit, extra, listed)
+            source = f"--{flag}" if source == "config" else source
+    validated = cfg.validate_sections(partial, source, explicit)
     validated.pop("volumes", None)
     return validated
 
 
-def _parse_params(text: str) -> dict[str, Any]:
-    """``--params``' JSON object, without the package version the workflow adds (so that an upgrade reruns its stages)."""
+def _parse_params(text: str, flag: str = "--params") -> dict[str, Any]:
+    """``--params``' (or ``--runtime``'s) JSON object of config sections."""
     try:
         extra = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise EmmitoError(f"--params is not valid JSON ({exc}): pass an object such as '{{\"segment\": {{\"min_size\": 500}}}}'") from None
+        raise EmmitoError(f"{flag} is not valid JSON ({exc}): pass an object such as '{{\"segment\": {{\"min_size\": 500}}}}'") from None
     if not isinstance(extra, dict):
-        raise EmmitoError("--params must be a JSON object of config sections, such as '{\"segment\": {}}'")
-    extra.pop("emmito_version", None)
+        raise EmmitoError(f"{flag} must be a JSON object of config sections, such as '{{\"segment\": {{}}}}'")
     return extra
 
 
 def _params_on_top(
-    partial: dict[str, Any], explicit: frozenset[str], extra: dict[str, Any]
+    partial: dict[str, Any], explicit: frozenset[str], extra: dict[str, Any], listed: frozenset[str] | None = None
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """``extra``'s keys set over ``partial``'s, one level into each section; and the key paths the user set after it.
 
     A key ``extra`` sets replaces the config file's value whole, so the file's
-    keys below it no longer count as set.
+    keys at and below it no longer count as set; ``extra``'s own count as set,
+    or only those in ``listed`` where given (the workflow's ``explicit`` list).
     """
     from emmito.config import explicit_keys
 
@@ -80,13 +90,18 @@ def _params_on_top(
         else:
             merged[key] = value
             replaced.append(f"{key}.")
-    kept = {path for path in explicit if not any(path.startswith(prefix) for prefix in replaced)}
-    return merged, frozenset(kept) | explicit_keys(extra)
+    kept = {path for path in explicit if not any(f"{path}.".startswith(prefix) for prefix in replaced)}
+    return merged, frozenset(kept) | (explicit_keys(extra) if listed is None else listed)
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="workflow config YAML to take stage parameters from")
     p.add_argument("--params", help="JSON object of config sections, e.g. '{\"segment\": {\"min_size\": 500}}' (overrides --config)")
+    p.add_argument(
+        "--runtime",
+        help="JSON object of the keys that change no output (threads, batch sizes), set over --params; "
+        "the workflow passes them here so that a change reruns nothing",
+    )
 
 
 def _data_verbs(verbs: argparse._SubParsersAction) -> None:
@@ -139,6 +154,8 @@ def _block_verbs(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("segment", help="instance segmentation of one heatmap block (block-local ids)")
     p.add_argument("heat", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument("--decoder-settings", type=Path, default=None,
+                   help="decoder.json that 'emmito tune' wrote beside the checkpoint (config keys you set win over it)")
     _add_params(p)
 
     p = verbs.add_parser("trace", help="block-local ids -> one volume of global ids + id map")
@@ -169,6 +186,17 @@ def _volume_verbs(verbs: argparse._SubParsersAction) -> None:
     _add_params(p)
 
 
+def _tune_verb(verbs: argparse._SubParsersAction) -> None:
+    """The verb tune: the decoder's settings for a model, chosen on labelled volumes."""
+    p = verbs.add_parser("tune", help="choose the decoder's thresholds for a checkpoint on labelled volumes; writes decoder.json")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path, help="decoder.json to write (beside the checkpoint)")
+    p.add_argument("--volume", nargs=3, action="append", required=True, metavar=("NAME", "IMAGE", "LABEL"),
+                   help="a labelled volume to tune on (image.h5, label.h5); repeat for more")
+    p.add_argument("--support", type=Path, default=None, help="segment.decoder nearest_neighbour: the model's support.npz")
+    _add_params(p)
+
+
 def _look_verbs(verbs: argparse._SubParsersAction) -> None:
     """The verbs view, report, summary: looking at the results."""
     p = verbs.add_parser("view", help="serve an export in neuroglancer (python package, bundled client); Ctrl-C stops")
@@ -184,6 +212,7 @@ def _look_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--volume", nargs=5, metavar=("SEG", "IMAGE", "TRACE_JSON", "OVERLAYS_PNG", "SIZES_PNG"),
                    help="overlays of image and segmentation; object size histogram")
     p.add_argument("--overlays", type=int, default=4, help="slices shown in the overlays")
+    p.add_argument("--decoder", nargs=2, metavar=("DECODER_JSON", "HTML"), help="the tuned decoder settings as a table")
 
     p = verbs.add_parser("summary", help="one screen on a finished run: objects, metrics, where the outputs are")
     p.add_argument("config", type=Path, help="the workflow config the run used")
@@ -194,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"emmito {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add_verbs in (_data_verbs, _model_verbs, _block_verbs, _volume_verbs, _look_verbs):
+    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _look_verbs):
         add_verbs(verbs)
     return parser
 

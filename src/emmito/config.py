@@ -10,6 +10,13 @@ workflow's ``rules/common.smk``): ``validate`` checks a whole workflow config,
 mapping whose ``explicit`` names the keys the user set, so that later code can
 tell a user's value from a default. Code below the boundary takes complete
 sections and never validates again.
+
+What reruns: the schema's ``x-stages`` annotations name, per key, the stages
+whose output it changes. ``stage_params(config, stage)`` is the part of a
+config that changes ``stage``'s output (the workflow's Snakemake params, so a
+change reruns exactly what it affects); ``runtime_params(config, stage)`` is
+the part the stage reads that changes no output (threads, batch sizes: the
+rules pass it as ``--runtime``, outside the params).
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ from emmito import contract
 from emmito.io import EmmitoError
 
 SCHEMA_FILE = "config.schema.yaml"
+STAGES_KEY = "x-stages"  # the schema annotation: the stages whose output a key changes
+RUNTIME_KEY = "x-runtime"  # false on an x-stages [] key that no stage reads (the workflow's own)
+PARAMS_VERSION = "output_version"  # in a stage's params: contract.OUTPUT_VERSIONS[stage]
+PARAMS_EXPLICIT = "explicit"  # in a stage's params (and runtime): the dotted keys in it the user set
+# Keys that moved: (section, old key) -> the new dotted path. An old config gets one line.
+MOVED_KEYS = {("infer", contract.DOWNSAMPLE_XY): f"model.{contract.DOWNSAMPLE_XY}"}
 
 
 class Validated(dict):
@@ -108,8 +121,15 @@ def _one_line(error: jsonschema.ValidationError, source: str) -> str:
     return f"{source}: key '{key}': {error.message}"
 
 
+def _check_moved_keys(config: dict[str, Any], source: str) -> None:
+    for (section, key), moved_to in MOVED_KEYS.items():
+        if isinstance(config.get(section), Mapping) and key in config[section]:
+            raise EmmitoError(f"{source}: {section}.{key} is now {moved_to}: move it")
+
+
 def _check_schema(config: dict[str, Any], source: str) -> None:
     """Check ``config`` against the schema and fill its defaults in place; the first error as one line."""
+    _check_moved_keys(config, source)
     validator = _default_filling_validator()(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
@@ -192,6 +212,100 @@ def load(path: str | Path) -> Validated:
     if not isinstance(config, dict):
         raise EmmitoError(f"{path}: the config must be a mapping of keys to values")
     return validate(config, source=str(path))
+
+
+# ---- what reruns: the keys that change each stage's output ------------------------------
+
+_ABSENT = object()
+
+
+def _subset(value: Any, node: dict[str, Any], stages: list[str], keep: Any) -> Any:
+    """The part of ``value`` (schema ``node``, its parent's x-stages ``stages``) that ``keep(own, inherited, node)`` keeps, per leaf.
+
+    ``own``: the leaf's x-stages (its own, else inherited); ``inherited``: its parent's.
+    """
+    own = node.get(STAGES_KEY, stages)
+    properties = node.get("properties")
+    if properties and isinstance(value, Mapping):
+        chosen = {}
+        for key, item in value.items():
+            if key in properties:
+                part = _subset(item, properties[key], own, keep)
+                if part is not _ABSENT:
+                    chosen[key] = part
+        return chosen if chosen else _ABSENT
+    return copy.deepcopy(value) if keep(own, stages, node) else _ABSENT
+
+
+def _known_stage(stage: str) -> None:
+    if stage not in contract.OUTPUT_VERSIONS:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(contract.OUTPUT_VERSIONS)}")
+
+
+def leaf_keys(raw: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
+    """The dotted paths of ``raw``'s values that are not mappings (``explicit_keys`` without the sections)."""
+    paths: set[str] = set()
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        paths |= leaf_keys(value, prefix=f"{path}.") if isinstance(value, Mapping) else {path}
+    return frozenset(paths)
+
+
+def _with_explicit(chosen: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    # Leaves only: a section counts as set whenever any key in it is, so listing it would
+    # tie one stage's params to another stage's keys (infer.batch_size would rerun merge).
+    explicit = getattr(config, "explicit", frozenset())
+    chosen[PARAMS_EXPLICIT] = sorted(explicit & leaf_keys(chosen))
+    return chosen
+
+
+def stage_params(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The nested part of a validated ``config`` that changes ``stage``'s output, as its workflow params.
+
+    Exactly the keys whose ``x-stages`` (their own, else their section's) name
+    ``stage``, with their values (defaults included); plus ``output_version``
+    (``contract.OUTPUT_VERSIONS[stage]``) and ``explicit``: the sorted dotted
+    paths of its values that the user set (``config.explicit``; values, not
+    sections), which ``cli.stage_config`` restores. Never the package version.
+    """
+    _known_stage(stage)
+    chosen = _subset(config, schema(), [], lambda own, inherited, node: stage in own)
+    chosen = {} if chosen is _ABSENT else chosen
+    chosen = _with_explicit(chosen, config)
+    chosen[PARAMS_VERSION] = contract.OUTPUT_VERSIONS[stage]
+    return chosen
+
+
+def runtime_params(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The keys ``stage`` reads that change no output (``x-stages: []`` in a section of ``stage``), with ``explicit``.
+
+    Thread counts, ``infer.batch_size``, ``infer.prefetch_batches``: the rules
+    pass them as ``--runtime``, outside the params, so that a change reruns nothing.
+    """
+    _known_stage(stage)
+
+    def keep(own: list[str], inherited: list[str], node: dict[str, Any]) -> bool:
+        return not own and stage in inherited and node.get(RUNTIME_KEY, True)
+
+    chosen = _subset(config, schema(), [], keep)
+    return _with_explicit({} if chosen is _ABSENT else chosen, config)
+
+
+def key_stages(path: str) -> list[str]:
+    """The stages whose output the dotted config key ``path`` changes (its x-stages, else its section's)."""
+    node, stages = schema(), []
+    for part in path.split("."):
+        node = node.get("properties", {}).get(part)
+        if node is None:
+            raise KeyError(f"no config key {path!r}")
+        stages = node.get(STAGES_KEY, stages)
+    return list(stages)
+
+
+def stage_explicit(params: Mapping[str, Any]) -> frozenset[str] | None:
+    """The ``explicit`` list a stage's params (or runtime) JSON carries, or None where it carries none."""
+    listed = params.get(PARAMS_EXPLICIT)
+    return None if listed is None else frozenset(listed)
 
 
 # ---- boundary helpers: one complete section, for tests and benchmarks ----------------

@@ -22,6 +22,11 @@ Checkpoints
     ``save_checkpoint`` / ``read_checkpoint`` / ``inspect_checkpoint``: a
     torch-saved dict with the ``CHECKPOINT_*`` keys.
 
+Decoder settings
+    ``save_decoder_settings`` / ``load_decoder_settings``: decoder.json beside
+    a checkpoint (``Results.decoder_settings``, ``decoder_settings_beside``),
+    the segment settings ``emmito tune`` chose for it.
+
 Adding a file kind is a few lines: a method on ``Results``, its attribute
 keys here, and (if tests need it) a case in ``fixture``.
 """
@@ -151,6 +156,26 @@ def level_attrs(voxel_size: list[float], volume_depth: int, scale: int) -> dict[
     }
 
 
+# ---- output versions ----------------------------------------------------------------
+# One small int per stage, in that stage's Snakemake params: bump a stage's number when its
+# output format or algorithm changes, and a workflow rerun redoes that stage (and what reads
+# its output) and nothing else. The package version is in no params: an upgrade that changes
+# no output reruns nothing.
+
+OUTPUT_VERSIONS: dict[str, int] = {
+    "convert": 1,
+    "train": 1,
+    "infer": 1,
+    "merge": 1,
+    "segment": 1,
+    "trace": 1,
+    "upsample": 1,
+    "evaluate": 1,
+    "export": 1,
+    "report": 1,
+    "tune": 1,
+}
+
 # ---- results layout ---------------------------------------------------------------
 
 RESULTS = "results"
@@ -179,6 +204,10 @@ class Results:
 
     def support_set(self, model: str = "{model}") -> str:
         return f"{self.model_dir(model)}/support.npz"
+
+    def decoder_settings(self, model: str = "{model}") -> str:
+        """decoder.json beside the checkpoint: the segment settings tuned for the model (written by tune)."""
+        return f"{self.model_dir(model)}/{DECODER_SETTINGS_FILE}"
 
     def model_report(self, model: str = "{model}", name: str = "training.png") -> str:
         return f"{self.model_dir(model)}/report/{name}"
@@ -249,8 +278,11 @@ CHECKPOINT_STATE = "state_dict"  # weights (the best validation iteration's, whe
 CHECKPOINT_LAST_STATE = "last_state_dict"  # the last iteration's weights, where they differ
 CHECKPOINT_TARGET = "target"
 CHECKPOINT_CHANNELS = CHANNELS  # output channel names, as heat files name them
-CHECKPOINT_DOWNSAMPLE_XY = DOWNSAMPLE_XY  # infer.downsample_xy it was trained at
+CHECKPOINT_DOWNSAMPLE_XY = DOWNSAMPLE_XY  # model.downsample_xy it was trained at
 CHECKPOINT_INPUT_NORM = "input_norm"
+# (z, y, x) nm of the voxels the network saw: the training images' voxel size, y and x times
+# the pooling. Inference pools a volume to it (model.pooling_for_volume); older checkpoints lack it.
+CHECKPOINT_VOXEL_SIZE = VOXEL_SIZE
 CHECKPOINT_VERSION = VERSION
 # Training's record of the run (train writes them; nothing needs them to load the model).
 CHECKPOINT_ITERATION = "iteration"  # the last iteration run
@@ -356,6 +388,60 @@ def load_support_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or classes.shape != (features.shape[0],) or len(classes) == 0:
         raise EmmitoError(f"{path}: support set has features {features.shape} and classes {classes.shape}: delete it and retrain")
     return features, classes
+
+
+def support_set_beside(checkpoint: str | os.PathLike) -> str:
+    """The support set that belongs to ``checkpoint`` (an embedding model's): the file train writes, in its folder."""
+    return os.path.join(os.path.dirname(os.fspath(checkpoint)), os.path.basename(Results().support_set()))
+
+
+# ---- decoder settings -------------------------------------------------------------
+# decoder.json beside a checkpoint: the segment settings ``emmito tune`` chose for that model
+# (``tuning.Tuned.record()``: "decoder", "settings", the scores, the volumes, the trials) plus
+# "format". It travels with the checkpoint; segment reads it (config keys the user set win).
+
+DECODER_SETTINGS_FILE = "decoder.json"
+DECODER_SETTINGS_FORMAT = 1
+
+
+def decoder_settings_beside(checkpoint: str | os.PathLike) -> str:
+    """The decoder.json that belongs to ``checkpoint``: the file of that name in its folder."""
+    return os.path.join(os.path.dirname(os.fspath(checkpoint)), DECODER_SETTINGS_FILE)
+
+
+def save_decoder_settings(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write decoder settings (``record`` with "decoder" and "settings") to ``path`` as JSON with the format version, atomically."""
+    import json
+
+    from emmito.io import atomic_path
+
+    text = json.dumps({**record, "format": DECODER_SETTINGS_FORMAT}, sort_keys=True, indent=1) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_decoder_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """decoder.json's record (``save_decoder_settings``); a one-line EmmitoError naming the file and the fix."""
+    import json
+
+    from emmito.io import EmmitoError
+
+    path = Path(path)
+    if not path.exists():
+        raise EmmitoError(f"{path}: decoder settings not found: run the tune rule (or 'emmito tune') that writes it, or fix the path")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EmmitoError(f"{path}: not readable decoder settings ({str(exc)[:120]}): delete it and rerun the tune rule") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or not isinstance(record.get("decoder"), str):
+        raise EmmitoError(f"{path}: not emmito decoder settings (no 'decoder' and 'settings'): delete it and rerun the tune rule")
+    version = record.get("format", DECODER_SETTINGS_FORMAT)
+    if not isinstance(version, int) or version > DECODER_SETTINGS_FORMAT:
+        raise EmmitoError(
+            f"{path}: decoder settings format {version} is newer than this emmito's ({DECODER_SETTINGS_FORMAT}): "
+            "upgrade emmito, or delete the file and rerun the tune rule"
+        )
+    return record
 
 
 # ---- test fixtures ----------------------------------------------------------------

@@ -5,9 +5,18 @@ are ``emmito.prediction`` (shared with training's validation): sliding windows
 of ``model.patch`` lie on one global grid over the whole volume, and a chunk
 evaluates exactly the windows that touch its slices, each once, so chunked
 inference equals whole-volume inference (no seams at chunk faces). This stage
-reads the chunk's slices (and their halo) from image.h5, mean-pools them by
-``infer.downsample_xy`` (``resampling.mean_pool_xy``) and writes the heat
-file's slices as the pipeline finishes them, in whole HDF5 chunks.
+reads the chunk's slices (and their halo) from image.h5, mean-pools them
+(``resampling.mean_pool_xy``) and writes the heat file's slices as the pipeline
+finishes them, in whole HDF5 chunks.
+
+The checkpoint carries what inference needs: the architecture, the target and
+channels, the input normalisation and the voxel size the network saw, so
+``emmito infer IMAGE CHECKPOINT OUT --chunk C`` needs no config. Model keys the
+user set are checked against it (``model.resolve_model_config``: one line
+naming a key that contradicts it; ``model.patch`` may differ where it fits).
+The pooling factor is the one that brings the image's y/x voxel size nearest
+the checkpoint's (``model.pooling_for_volume``; older checkpoints: the factor
+they were trained at), and the heat file records it (``downsample_xy``).
 
 The price of independent chunk jobs: a z-window that straddles two chunks is
 run by both. With chunk_slices 20 and a z-patch of 16 at stride 8 a chunk runs
@@ -30,7 +39,7 @@ import torch
 from emmito import blocks, contract
 from emmito.embedding import DEFAULT_EMBEDDING_RANGE
 from emmito.io import EmmitoError, create_volume, open_volume, volume_attrs
-from emmito.model import check_patch, embedding_dim, load_checkpoint, output_channels
+from emmito.model import embedding_dim, heat_model, network_from_checkpoint, output_channels, pooling_for_volume, resolve_model_config
 from emmito.prediction import predict_slices, to_heat
 from emmito.resampling import mean_pool_xy
 from emmito.runtime import pick_device, thread_count
@@ -46,19 +55,19 @@ def infer_chunk(
     device: torch.device | str = "cpu",
     input_norm: dict[str, float] | None = None,
     *,
+    factor: int = 1,
     write_heat: Callable[[int, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, int]:
     """Heat of inference chunk ``chunk_index``: (uint8 (channel, z, y, x), offset = its first slice).
 
     ``read_slices(a, b)`` returns full-resolution uint8 slices [a, b); they are
-    mean-pooled by ``infer.downsample_xy`` before the network. ``write_heat(first,
+    mean-pooled by ``factor`` in y and x before the network. ``write_heat(first,
     heat)``, if given, receives each run of finished uint8 slices as soon as the
     windows are done with them (``first`` relative to the chunk's first slice),
     so that writing overlaps the network.
     """
     z_start, z_stop = blocks.chunk_range(chunk_index, infer_cfg["chunk_slices"], depth)
-    factor = infer_cfg[contract.DOWNSAMPLE_XY]
     heat_parts: list[np.ndarray] = []
 
     def on_slices(first: int, probabilities: np.ndarray) -> None:
@@ -142,16 +151,18 @@ def write_heat_chunk(
 ) -> None:
     """Write the heat file of chunk ``chunk_index`` of ``image_path`` to ``out_path``, slices as they finish.
 
-    ``model`` and ``checkpoint``: ``model.load_checkpoint(checkpoint_path)``.
-    The file is uint8 (channel, z, y, x) at the image's y/x over ``infer.downsample_xy``,
-    with ``chunk_heat_attrs``; it appears only once complete.
+    ``model``: the checkpoint's network wrapped by ``model.heat_model``; ``model_cfg``:
+    ``model.resolve_model_config``'s. The image is pooled by the factor that fits its
+    voxel size to the checkpoint's (``model.pooling_for_volume``). The file is uint8
+    (channel, z, y, x) at the image's y/x over that factor, with ``chunk_heat_attrs``
+    (the factor among them); it appears only once complete.
     """
-    factor = infer_cfg[contract.DOWNSAMPLE_XY]
     with open_volume(image_path) as image:
         if image.ndim != 3 or image.dtype != np.uint8:
             raise EmmitoError(f"{image_path}: expected uint8 (z, y, x), found {image.dtype} {image.shape}: rerun 'emmito convert'")
         depth, height, width = image.shape
         voxel_size = contract.voxel_size(volume_attrs(image))
+        factor = pooling_for_volume(checkpoint, voxel_size, image_path, checkpoint_path)
         attrs = chunk_heat_attrs(checkpoint, model_cfg, depth, factor)
         channels = contract.channel_names(attrs)
         z_start, z_stop = blocks.chunk_range(chunk_index, infer_cfg["chunk_slices"], depth)
@@ -176,16 +187,33 @@ def write_heat_chunk(
 
             infer_chunk(
                 model, lambda a, b: image[a:b], depth, chunk_index, model_cfg, infer_cfg, device,
-                checkpoint.get(contract.CHECKPOINT_INPUT_NORM), write_heat=write_heat,
+                checkpoint.get(contract.CHECKPOINT_INPUT_NORM), factor=factor, write_heat=write_heat,
             )
             writer.close()
 
 
+def load_for_inference(
+    checkpoint_path: str | os.PathLike, params: dict[str, Any], device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """(the heat model in eval mode on ``device``, the checkpoint, the model section it runs with).
+
+    The model section is the checkpoint's; keys of ``params["model"]`` that the user
+    set (``params.explicit``, a ``config.Validated``; a plain dict counts every key
+    as set) are checked against it (``model.resolve_model_config``).
+    """
+    checkpoint = contract.read_checkpoint(checkpoint_path)
+    model_cfg = resolve_model_config(checkpoint, params["model"], getattr(params, "explicit", None), checkpoint_path)
+    network = network_from_checkpoint(checkpoint, model_cfg, checkpoint_path, device)
+    return heat_model(network, model_cfg).to(device).eval(), checkpoint, model_cfg
+
+
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito infer IMAGE CHECKPOINT OUT --chunk C``: write the heat file of chunk C, slices as they finish."""
-    model_cfg, infer_cfg = params["model"], params["infer"]
-    check_patch(model_cfg["patch"], model_cfg)
+    """``emmito infer IMAGE CHECKPOINT OUT --chunk C``: write the heat file of chunk C, slices as they finish.
+
+    No ``--params`` needed: the model section comes from the checkpoint, the rest are the defaults.
+    """
+    infer_cfg = params["infer"]
     torch.set_num_threads(thread_count(infer_cfg["threads"]))
     device = pick_device()
-    model, checkpoint = load_checkpoint(args.checkpoint, model_cfg, device)
+    model, checkpoint, model_cfg = load_for_inference(args.checkpoint, params, device)
     write_heat_chunk(model, checkpoint, args.checkpoint, args.image, args.out, args.chunk, model_cfg, infer_cfg, device)

@@ -21,7 +21,7 @@ import copy
 import functools
 import math
 import os
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,17 +30,21 @@ from torch import nn
 from emmito import contract
 from emmito.embedding import DEFAULT_EMBEDDING_RANGE, embedding_channel_names, embedding_logits
 from emmito.io import EmmitoError
+from emmito.resampling import POOLING_FACTORS, POOLING_TOLERANCE, pooling_factor
 from emmito.targets import TARGET_CHANNELS, output_to_probability, target_channels
 
 __all__ = [
     "TARGET_CHANNELS", "output_to_probability", "target_channels", "UNet3D", "build_model", "output_channels", "heat_model",
-    "load_checkpoint",
+    "load_checkpoint", "resolve_model_config", "network_from_checkpoint", "pooling_for_volume", "trained_model_config",
+    "load_weights", "freeze_encoder",
 ]
 
 # The model-config keys that fix the architecture; a checkpoint must agree with the config on these.
 ARCHITECTURE_KEYS = (
     "filters", "dimensions", "conv3d_from_level", "pool_z_from_level", "norm", "upsample", "target", "head", "embedding_dim"
 )
+# What a checkpoint fixes: its architecture, its auxiliary heads (their weights are in it) and the pooling it saw.
+CHECKPOINT_FIXED_KEYS = (*ARCHITECTURE_KEYS, "deep_supervision", contract.DOWNSAMPLE_XY)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -268,7 +272,7 @@ def _checkpoint_model_defaults() -> dict[str, Any]:
     """The schema's ``model`` defaults: what a checkpoint written before a model key existed was trained with.
 
     Looked up once per process (the package's own schema, not a user's config),
-    at this one named point: ``load_checkpoint`` fills old checkpoints'
+    at this one named point: ``trained_model_config`` fills old checkpoints'
     ``model_config`` from it. Nothing else in this module reads the schema.
     """
     from emmito.config import section_defaults
@@ -276,36 +280,142 @@ def _checkpoint_model_defaults() -> dict[str, Any]:
     return section_defaults("model")
 
 
+def trained_model_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The complete ``model`` section a checkpoint was trained with.
+
+    Keys added to the schema since it was written take their defaults (what it
+    was trained with); the pooling factor is the checkpoint's own record of it.
+    """
+    trained = {**copy.deepcopy(_checkpoint_model_defaults()), **copy.deepcopy(checkpoint[contract.CHECKPOINT_MODEL_CONFIG])}
+    trained[contract.DOWNSAMPLE_XY] = int(checkpoint.get(contract.CHECKPOINT_DOWNSAMPLE_XY, trained.get(contract.DOWNSAMPLE_XY, 1)))
+    return trained
+
+
+def resolve_model_config(
+    checkpoint: dict[str, Any],
+    model_cfg: dict[str, Any] | None,
+    explicit: Iterable[str] | None,
+    source: str | os.PathLike,
+) -> dict[str, Any]:
+    """The ``model`` section to run (or fine-tune) ``checkpoint`` with: the checkpoint's, except where the user set a key.
+
+    ``explicit``: the dotted key paths the user set (``config.Validated.explicit``);
+    None counts every key of ``model_cfg`` as set. A user-set key the checkpoint
+    fixes (``CHECKPOINT_FIXED_KEYS``: the architecture and the pooling it saw)
+    must agree with it, else a one-line EmmitoError names the key; a key left to
+    its default never conflicts. A user-set ``model.patch`` is used where it fits
+    the architecture (``check_patch``); other user-set keys (``name``,
+    ``contour_width``, ...) are the user's.
+    """
+    trained = trained_model_config(checkpoint)
+    model_cfg = model_cfg or {}
+    if explicit is None:
+        chosen = set(model_cfg)
+    else:
+        chosen = {path.split(".", 1)[1] for path in explicit if path.startswith("model.") and path.count(".") == 1}
+    resolved = dict(trained)
+    for key in sorted(chosen & set(model_cfg)):
+        if key in CHECKPOINT_FIXED_KEYS:
+            if model_cfg[key] != trained.get(key):
+                raise EmmitoError(
+                    f"{source} was trained with model.{key}={_show(trained.get(key))}, the config says {_show(model_cfg[key])}: "
+                    f"retrain or fix the config (drop model.{key}: the checkpoint carries it)"
+                )
+        else:
+            resolved[key] = copy.deepcopy(model_cfg[key])
+    check_patch(resolved["patch"], resolved)
+    return resolved
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load ``state_dict`` into ``model``; weights that do not fit are a one-line EmmitoError naming ``source``."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise EmmitoError(
+            f"{source}: its weights do not fit its model_config ({str(exc).splitlines()[0][:120]}): the file is corrupt; retrain"
+        ) from None
+
+
+def freeze_encoder(model: UNet3D) -> int:
+    """Stop the encoder's parameters from learning (fine-tuning's ``train.freeze: encoder``); returns how many were frozen.
+
+    The encoder: the stem and every encoder level, the bottom one included
+    (``stem``, ``encoders``; max pooling has no parameters). The decoder levels, their
+    upsampling projections (``ups``, ``decoders``) and the heads (``head``, ``aux_heads``)
+    still learn. BatchNorm running statistics (``norm: batch``) still adapt in the
+    frozen levels; GroupNorm and InstanceNorm keep none.
+    """
+    frozen = 0
+    for module in (model.stem, model.encoders):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
+def network_from_checkpoint(
+    checkpoint: dict[str, Any], model_cfg: dict[str, Any], source: str | os.PathLike, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The bare network of ``checkpoint`` (``build_model(model_cfg)``, its weights loaded) on ``device``, in train mode.
+
+    ``model_cfg``: ``resolve_model_config``'s. Weights that do not fit are a one-line EmmitoError naming ``source``.
+    """
+    model = build_model(model_cfg)
+    load_weights(model, checkpoint[contract.CHECKPOINT_STATE], source)
+    return model.to(device)
+
+
 def load_checkpoint(
-    path: str | os.PathLike, model_cfg: dict[str, Any] | None = None, device: torch.device | str = "cpu"
+    path: str | os.PathLike,
+    model_cfg: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    explicit: Iterable[str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``path`` (written by ``emmito train``) -> (model on ``device`` in eval mode, the checkpoint dict).
 
     The model is wrapped by ``heat_model``: sigmoid of its output is every channel's heat.
-    With ``model_cfg``, refuse a checkpoint whose architecture differs from it
-    (EmmitoError naming the checkpoint and the key). Missing or corrupt files
-    raise a one-line EmmitoError (``contract.read_checkpoint``).
+    It is built from the checkpoint's own ``model_config``; ``model_cfg`` and
+    ``explicit`` are checked against it as ``resolve_model_config`` does (no
+    ``model_cfg``: nothing to check). Missing or corrupt files raise a one-line
+    EmmitoError (``contract.read_checkpoint``).
     """
-    path = Path(path)
     checkpoint = contract.read_checkpoint(path)
-    defaults = copy.deepcopy(_checkpoint_model_defaults())
-    trained = {**defaults, **checkpoint[contract.CHECKPOINT_MODEL_CONFIG]}
-    if model_cfg is not None:
-        for key in ARCHITECTURE_KEYS:
-            old, new = trained.get(key, defaults[key]), model_cfg.get(key, defaults[key])
-            if old != new:
-                raise EmmitoError(
-                    f"{path} was trained with model.{key}={_show(old)}, the config says {_show(new)}: retrain or fix the config"
-                )
-    model = build_model(trained)
-    try:
-        model.load_state_dict(checkpoint[contract.CHECKPOINT_STATE])
-    except RuntimeError as exc:
-        raise EmmitoError(f"{path}: its weights do not fit its model_config ({str(exc).splitlines()[0][:120]}): the file is corrupt; retrain") from None
+    resolved = resolve_model_config(checkpoint, model_cfg, explicit if model_cfg is not None else (), path)
+    model = network_from_checkpoint(checkpoint, resolved, path, device)
     # predict_slices applies a sigmoid; the wrapper makes that the right heat for every
     # channel (a tanh output for skeleton_distance, embeddings), exactly as training validates.
-    model = heat_model(model, trained)
-    return model.to(device).eval(), checkpoint
+    return heat_model(model, resolved).to(device).eval(), checkpoint
+
+
+def pooling_for_volume(
+    checkpoint: dict[str, Any], voxel_size: list[float], image_path: str | os.PathLike, checkpoint_path: str | os.PathLike
+) -> int:
+    """The y/x pooling factor that brings ``image_path``'s voxels (``voxel_size``, z, y, x nm) to the checkpoint's.
+
+    ``resampling.pooling_factor`` against ``contract.CHECKPOINT_VOXEL_SIZE`` (the
+    voxels the network saw); a one-line EmmitoError naming the image, both sizes
+    and the fix when no factor of ``resampling.POOLING_FACTORS`` comes within
+    ``resampling.POOLING_TOLERANCE``. A checkpoint without a voxel size (older
+    than the key) gives the factor it was trained at. z is not resampled.
+    """
+    trained = checkpoint.get(contract.CHECKPOINT_VOXEL_SIZE)
+    if trained is None:
+        return int(trained_model_config(checkpoint)[contract.DOWNSAMPLE_XY])
+    trained = [float(v) for v in trained]
+    factor = pooling_factor(voxel_size[1:], trained[1:])
+    if factor is None:
+        raise EmmitoError(
+            f"{image_path} has {_nm(voxel_size)} voxels but {checkpoint_path} was trained on {_nm(trained)} voxels, and no "
+            f"y/x pooling by {', '.join(map(str, POOLING_FACTORS))} comes within {POOLING_TOLERANCE:.0%} of that: resample the "
+            "images to it (or to a multiple of it), fix the volume's voxel_size in the config if it is wrong, "
+            "or fine-tune at this voxel size (train.init_from)"
+        )
+    return factor
+
+
+def _nm(voxel_size: list[float]) -> str:
+    return "x".join(f"{v:g}" for v in voxel_size) + " nm"
 
 
 def _show(value: Any) -> str:

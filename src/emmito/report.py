@@ -4,7 +4,10 @@
 - scores: precision, recall and F1 (instance and voxel) and F1 against the IoU
   threshold (metrics.json), plus metrics.json as an HTML table;
 - volume: EM slices with the segmentation overlaid in colour (only the slices
-  shown are read) and the per-object size histogram (trace.json).
+  shown are read) and the per-object size histogram (trace.json);
+- decoder: the segment settings tuned for the model (decoder.json, ``emmito
+  tune``) as an HTML page: the chosen values beside the untuned ones, the
+  scores they reached on which volumes, and the best trials of the grid.
 
 Every plot function takes plain Python/numpy data and a path to write; the
 file readers around them are thin.
@@ -166,6 +169,59 @@ def metrics_table(metrics: dict[str, Any], title: str = "metrics.json") -> str:
     )
 
 
+_PAGE_STYLE = (
+    "<style>body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
+    "td,th{border:1px solid #ccc;padding:2px 8px}td{font-family:monospace;text-align:right}"
+    "td:first-child{font-family:sans-serif;text-align:left}</style>"
+)
+DECODER_TRIALS_SHOWN = 10
+
+
+def _html_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return html.escape(f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>\n"
+
+
+def decoder_table(record: dict[str, Any], title: str = "decoder.json") -> str:
+    """decoder.json (``emmito tune``'s record) as a standalone HTML page.
+
+    The chosen value of each tuned key beside its untuned one, the score (F1
+    over IoU 0.50..0.95) and F1 at IoU 0.5 of both, each volume tuned on (its
+    slices and the chosen settings' metrics), and the best trials.
+    """
+    settings, untuned = record.get("settings", {}), record.get("untuned", {})
+    before = untuned.get("settings", {})
+    rows = [[key, settings[key], before.get(key, "")] for key in sorted(settings)]
+    scores = [
+        ["F1 over IoU 0.50-0.95 (the score)", record.get("score", ""), untuned.get("score", "")],
+        ["instance F1 at IoU 0.5", record.get("instance_f1", ""), untuned.get("instance_f1", "")],
+    ]
+    volume_keys = ["score", "instance_f1", "instance_precision", "instance_recall", "voxel_iou", "f1_2d", "gt_objects", "predicted_objects"]
+    volumes = [[v.get("name", "?"), "{}-{}".format(*v.get("slices", ["?", "?"])), *(v.get(k, "") for k in volume_keys)]
+               for v in record.get("volumes", [])]
+    trials = sorted(record.get("trials", []), key=lambda t: (-t.get("score", 0.0), -t.get("instance_f1", 0.0)))
+    trial_rows = [[", ".join(f"{k} {t['settings'][k]:g}" for k in sorted(t["settings"])), t.get("score", ""), t.get("instance_f1", "")]
+                  for t in trials[:DECODER_TRIALS_SHOWN]]
+    names = ", ".join(v.get("name", "?") for v in record.get("volumes", []))
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>" + _PAGE_STYLE + "</head><body>\n"
+        f"<h3>{html.escape(title)}</h3>\n<p>Decoder <b>{html.escape(str(record.get('decoder', '?')))}</b> "
+        f"(target {html.escape(str(record.get('target', '?')))}), settings chosen on {html.escape(names)} "
+        f"from {len(record.get('trials', []))} trials; a key set in the config overrides its tuned value.</p>\n"
+        + _html_table(["setting", "tuned", "untuned"], rows)
+        + _html_table(["score", "tuned", "untuned"], scores)
+        + "<p>Volumes tuned on (the chosen settings):</p>\n"
+        + _html_table(["volume", "slices", *volume_keys], volumes)
+        + f"<p>The best {len(trial_rows)} trials:</p>\n"
+        + _html_table(["settings", "score", "instance F1"], trial_rows)
+        + "</body></html>\n"
+    )
+
+
 def overlay_slices(objects: dict[str, dict[str, Any]], depth: int, count: int) -> list[int]:
     """``count`` slice indices, evenly spread over the slices that hold objects (from trace.json bounding boxes).
 
@@ -287,9 +343,10 @@ def report_volume(seg_path: Path, image_path: Path, trace_path: Path, overlays_p
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito report [--training JSONL PNG] [--scores JSON PNG HTML] [--volume SEG IMAGE TRACE PNG PNG]``."""
-    if not (args.training or args.scores or args.volume):
-        raise EmmitoError("emmito report: nothing to do: give --training, --scores and/or --volume")
+    """``emmito report [--training JSONL PNG] [--scores JSON PNG HTML] [--volume SEG IMAGE TRACE PNG PNG] [--decoder JSON HTML]``."""
+    decoder = getattr(args, "decoder", None)
+    if not (args.training or args.scores or args.volume or decoder):
+        raise EmmitoError("emmito report: nothing to do: give --training, --scores, --volume and/or --decoder")
     if args.training:
         jsonl, png = map(Path, args.training)
         plot_training(read_training_log(jsonl), png)
@@ -302,3 +359,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     if args.volume:
         seg, image, trace, overlays_png, sizes_png = map(Path, args.volume)
         report_volume(seg, image, trace, overlays_png, sizes_png, args.overlays)
+    if decoder:
+        settings_path, table = map(Path, decoder)
+        with atomic_path(table) as tmp:
+            tmp.write_text(decoder_table(contract.load_decoder_settings(settings_path), title=str(settings_path)))

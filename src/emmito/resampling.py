@@ -2,6 +2,8 @@
 
 One implementation each, shared by infer and train (the network sees images
 pooled exactly alike), upsample and export (the same label pyramid), and report.
+``pooling_factor`` chooses the pooling that brings a volume's voxels to the size
+a network was trained at (infer and fine-tuning share it).
 """
 
 from __future__ import annotations
@@ -9,6 +11,35 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+# The y/x pooling factors a volume may be brought to a network's voxel size with.
+POOLING_FACTORS = (1, 2, 4, 8)
+# How far (relative, in y and in x) the pooled voxels may stay from the trained ones.
+POOLING_TOLERANCE = 0.25
+
+
+def pooling_mismatch(voxel_yx: tuple[float, float] | list[float], trained_yx: tuple[float, float] | list[float], factor: int) -> float:
+    """Relative difference between ``voxel_yx`` pooled by ``factor`` and ``trained_yx``: the larger of y's and x's."""
+    return max(abs(size * factor - trained) / trained for size, trained in zip(voxel_yx, trained_yx))
+
+
+def pooling_factor(
+    voxel_yx: tuple[float, float] | list[float],
+    trained_yx: tuple[float, float] | list[float],
+    factors: tuple[int, ...] = POOLING_FACTORS,
+    tolerance: float = POOLING_TOLERANCE,
+) -> int | None:
+    """The factor of ``factors`` whose pooling brings voxels of (y, x) nm ``voxel_yx`` nearest ``trained_yx`` nm.
+
+    Nearest: the smallest ``pooling_mismatch`` (ties go to the smaller factor).
+    None when even that one misses by more than ``tolerance``: the volume is
+    too coarse for the network (no pooling makes voxels smaller), or between
+    two factors. 4 nm voxels and an 8 nm network give 2; 12 nm and 8 nm give None.
+    """
+    if min(voxel_yx) <= 0 or min(trained_yx) <= 0:
+        raise ValueError(f"voxel sizes must be positive: {list(voxel_yx)}, {list(trained_yx)}")
+    best = min(factors, key=lambda factor: (pooling_mismatch(voxel_yx, trained_yx, factor), factor))
+    return best if pooling_mismatch(voxel_yx, trained_yx, best) <= tolerance + 1e-9 else None
 
 
 def mean_pool_xy(slices: np.ndarray, factor: int) -> np.ndarray:

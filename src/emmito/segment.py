@@ -5,6 +5,12 @@ the file and the fix), hands ``decoders.decode`` the file's channels by name as
 lazy arrays (each is read only when the decoder needs it) with the support set
 where the decoder needs one, and writes the labels (block-local ids) with the
 heat file's volume frame. The decoders themselves live in ``emmito.decoders``.
+
+The settings it decodes with (``tuning.resolve_settings``): the schema
+defaults, then the settings tuned for the model (``--decoder-settings``: the
+decoder.json that ``emmito tune`` wrote beside the checkpoint), then the keys
+the user set in the config (``params.explicit``), which win. The log names
+each tuned key's value and where it came from.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from emmito import config, contract, decoders, embedding, runtime
+from emmito import config, contract, decoders, embedding, runtime, tuning
 from emmito.decoders import DECODER_CHANNELS, EMBEDDING_DECODERS, HEAT_CHANNEL
 from emmito.io import EmmitoError, create_volume, open_volume
 
@@ -102,15 +108,35 @@ def heat_channels(ds: Any, attrs: dict[str, Any]) -> dict[str, HeatChannel]:
     return {name: HeatChannel(ds, index) for index, name in enumerate(_file_channels(attrs, ds.shape))}
 
 
+def segment_settings(params: dict[str, Any], decoder: str, attrs: dict[str, Any], settings_path: Any = None) -> dict[str, Any]:
+    """The ``segment`` section to decode with: defaults < decoder.json (``settings_path``) < the user's keys.
+
+    ``params``: the validated config (a ``config.Validated``, whose ``explicit``
+    names the keys the user set; a plain dict counts every segment key as set).
+    Prints the tuned keys' values and their sources to stderr (the segment log).
+    """
+    explicit = getattr(params, "explicit", None)
+    if explicit is None:
+        explicit = {f"segment.{key}" for key in params["segment"]}
+    tuned = contract.load_decoder_settings(settings_path) if settings_path else None
+    heat = tuning.heat_kind(contract.channel_names(attrs) or [HEAT_CHANNEL])
+    settings, sources = tuning.resolve_settings(params["segment"], explicit, tuned, decoder, heat, str(settings_path))
+    print(f"emmito segment: {decoder} with {tuning.describe(settings, sources)}", file=sys.stderr)
+    if tuned is not None and tuned.get("decoder") != decoder:
+        print(f"emmito segment: {settings_path} was tuned for {tuned.get('decoder')}, not {decoder}: its settings are not used", file=sys.stderr)
+    return settings
+
+
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito segment HEAT OUT``: heat/block_{b}.h5 -> seg/block_{b}.h5 (block-local ids)."""
+    """``emmito segment HEAT OUT [--decoder-settings JSON]``: heat/block_{b}.h5 -> seg/block_{b}.h5 (block-local ids)."""
     runtime.keep_freed_memory()
     with open_volume(args.heat) as ds:
         attrs = contract.read_attrs(ds)
         decoder, support = check_heat_file(args.heat, ds, attrs, params)
+        section = segment_settings(params, decoder, attrs, getattr(args, "decoder_settings", None))
         embedding_range = float(attrs.get(contract.EMBEDDING_RANGE, embedding.DEFAULT_EMBEDDING_RANGE))
         labels = decoders.decode(
-            heat_channels(ds, attrs), params["segment"], progress=True, support=support, embedding_range=embedding_range
+            heat_channels(ds, attrs), section, progress=True, support=support, embedding_range=embedding_range
         )
     print(f"emmito segment: {int(labels.max())} objects in {labels.shape[0]} slices ({decoder})", file=sys.stderr)
     with create_volume(

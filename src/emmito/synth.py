@@ -15,6 +15,12 @@ EM of neuropil (40 x 8 x 8 nm voxels) and to be learnable but not trivial:
 
 Sizes are given for 192-pixel slices and a 72-slice volume; smaller volumes shrink
 the objects (to at most half) so that a 64^2 x 12 test volume still holds some.
+
+Two knobs make a second imaging domain for transfer tests (the fine-tuning
+test trains on one and fine-tunes on the other): ``object_scale`` scales the
+mitochondria's in-plane size, ``contrast`` the image's deviation from the
+background grey before noise. Both default to 1, which leaves every byte as
+it was.
 """
 
 from __future__ import annotations
@@ -147,11 +153,11 @@ def _touching_partner(rng: np.random.Generator, body: Mitochondrion) -> Mitochon
 
 
 def _place_mitochondria(
-    rng: np.random.Generator, shape: tuple[int, int, int], density: float
+    rng: np.random.Generator, shape: tuple[int, int, int], density: float, object_scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance ids (uint32, consecutive from 1) and each voxel's along-axis coordinate (float32, px)."""
     depth, height, width = shape
-    xy_scale = float(np.clip(min(height, width) / 192.0, 0.5, 1.0))
+    xy_scale = float(np.clip(min(height, width) / 192.0, 0.5, 1.0)) * object_scale
     z_scale = float(np.clip(depth / 72.0, 0.35, 1.0))
     labels = np.zeros(shape, dtype=np.uint32)
     nearest = np.full(shape, np.inf, dtype=np.float32)  # normalised distance to the owning body
@@ -258,8 +264,8 @@ def _vesicles(rng: np.random.Generator, shape: tuple[int, int, int], count: int)
     return darkness
 
 
-def _render(rng: np.random.Generator, labels: np.ndarray, along: np.ndarray) -> np.ndarray:
-    """The EM image (uint8) for the given instances."""
+def _render(rng: np.random.Generator, labels: np.ndarray, along: np.ndarray, contrast: float = 1.0) -> np.ndarray:
+    """The EM image (uint8) for the given instances; ``contrast`` scales its deviation from the background grey."""
     shape = labels.shape
     depth, height, width = shape
     area_scale = height * width / 192.0**2
@@ -307,26 +313,35 @@ def _render(rng: np.random.Generator, labels: np.ndarray, along: np.ndarray) -> 
     # Microscope blur, slice brightness jitter, then shot/detector noise.
     image = ndimage.gaussian_filter(image, sigma=(0, 0.8, 0.8))
     image *= rng.normal(1.0, 0.02, size=(depth, 1, 1)).astype(np.float32)
+    if contrast != 1.0:
+        image = BACKGROUND_GREY + np.float32(contrast) * (image - BACKGROUND_GREY)
     image += NOISE_SIGMA * rng.standard_normal(shape, dtype=np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def synthesize(slices: int, size: int, seed: int, density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def synthesize(
+    slices: int, size: int, seed: int, density: float = 1.0, contrast: float = 1.0, object_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic EM volume and its mitochondria.
 
     Returns (image uint8 (z, y, x) of shape (slices, size, size), instance ids
     uint32 of the same shape, 0 = background, ids consecutive from 1). ``density``
-    scales the number of mitochondria (1.0: about 8 % foreground). Same arguments,
-    same arrays.
+    scales the number of mitochondria (1.0: about 8 % foreground); ``contrast``
+    scales every grey level's distance from the background's (1.0: the default
+    look; 0.5: half as contrasted, before the same noise); ``object_scale`` scales
+    their in-plane widths and lengths (1.0: 12-24 px wide at 192 px slices). Same
+    arguments, same arrays.
     """
     if slices < 1 or size < 16:
         raise EmmitoError(f"synth: --slices {slices} --size {size} is too small: use at least 1 slice of 16x16")
     if not density > 0:
         raise EmmitoError(f"synth: --density {density} must be > 0 (1.0 gives about 8 % mitochondria)")
+    if not contrast > 0 or not object_scale > 0:
+        raise EmmitoError(f"synth: contrast {contrast} and object scale {object_scale} must be > 0 (1.0 gives the default look)")
     rng = np.random.default_rng(seed)
     shape = (slices, size, size)
-    labels, along = _place_mitochondria(rng, shape, density)
-    image = _render(rng, labels, along)
+    labels, along = _place_mitochondria(rng, shape, density, object_scale)
+    image = _render(rng, labels, along, contrast)
     return image, labels
 
 

@@ -1,6 +1,6 @@
 """Training: random patches of proofread volumes -> a U-Net checkpoint and a metrics log.
 
-Images are mean-pooled by ``infer.downsample_xy`` and labels mode-pooled
+Images are mean-pooled by ``model.downsample_xy`` and labels mode-pooled
 (``resampling.pool_pair``, the pooling ``infer`` applies), so the network
 trains at the scale it infers at. Targets (``model.target``, see
 ``emmito.targets``) are computed once per volume at that scale; patches are
@@ -11,9 +11,27 @@ target by ``train.loss_weights``; optional auxiliary heads add
 discriminative loss. AdamW, linear warm-up then cosine decay, gradient
 clipping; AMP on CUDA only.
 Validation runs the same sliding-window inference as ``emmito infer``
-(``prediction.predict_volume``) on whole validation volumes, logs voxel IoU and
-instance F1 (after the heat_watershed decoder, ``decoders.segment_block``), and
-keeps the weights with the best IoU.
+(``prediction.predict_volume``) on whole validation volumes, with fixed
+settings of its own (``VALIDATION_TILE_OVERLAP``, ``VALIDATION_TTA``,
+``VALIDATION_BLEND_SIGMA``; the batch is ``train.batch_size``), never the
+``infer`` section, so that no inference key changes what training writes. It
+logs voxel IoU and instance F1 (the heat_watershed decoder,
+``decoders.segment_block``, at the schema's ``segment`` defaults) and keeps the
+weights with the best IoU.
+
+The checkpoint carries what inference needs (``contract.CHECKPOINT_*``): the
+model section, target, channels, input normalisation, the pooling factor and
+``voxel_size``, the (z, y, x) nm of the voxels the network saw (the training
+images' voxel size, y and x times the factor).
+
+Fine-tuning: ``train.init_from: PATH`` starts from that checkpoint's weights
+(the best ones). The architecture is the checkpoint's (``model.resolve_model_config``:
+a model key the user set that contradicts it is a one-line error; one left to
+its default never is), and the training images are pooled by the factor that
+brings their voxels nearest the checkpoint's (``model.pooling_for_volume``).
+``train.freeze: encoder`` trains only the decoder path (``model.freeze_encoder``:
+the stem and every encoder level are frozen; the decoder levels, their
+upsampling projections and the heads learn).
 
 On CPU the same config and seed give a byte-identical checkpoint: one seeded
 numpy Generator draws every patch and augmentation, torch is seeded and runs
@@ -30,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -38,6 +57,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +68,34 @@ from tqdm import tqdm
 
 from emmito import __version__, contract
 from emmito.augment import augment_patch
+from emmito.config import PARAMS_EXPLICIT, section_defaults, stage_params
 from emmito.decoders import segment_block
 from emmito.embedding import build_support_set, heat_to_embeddings
 from emmito.io import EmmitoError, atomic_path, read_volume
 from emmito.losses import TrainingLoss, TrainingLossParts
 from emmito.metrics import instance_f1, voxel_iou
-from emmito.model import build_model, check_patch, embedding_dim, output_channels
+from emmito.model import (
+    build_model,
+    check_patch,
+    embedding_dim,
+    freeze_encoder,
+    load_weights,
+    output_channels,
+    pooling_for_volume,
+    resolve_model_config,
+    trained_model_config,
+)
 from emmito.prediction import DEFAULT_INPUT_NORM, predict_volume, to_heat
-from emmito.resampling import pool_pair
+from emmito.resampling import POOLING_TOLERANCE, pool_pair, pooling_mismatch
 from emmito.runtime import autocast, pick_device, thread_count
 from emmito.targets import make_target
 
 GRADIENT_CLIP_NORM = 1.0
+
+# Training's own sliding-window settings, for validation and the support set (never infer.*):
+VALIDATION_TILE_OVERLAP = 0.5
+VALIDATION_TTA = 1
+VALIDATION_BLEND_SIGMA = 0.125  # the schema's infer.blend_sigma default (a test checks they agree)
 
 
 class PatchSampler:
@@ -131,26 +167,41 @@ def learning_rate_factor(iteration: int, warmup: int, total: int, progress: floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def window_settings(model_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What ``prediction.predict_volume`` reads, for training's validation and support set: the fixed
+    ``VALIDATION_*`` settings and ``train.batch_size`` windows per network call (never the ``infer`` section)."""
+    return {
+        "model": model_cfg,
+        "infer": {"tile_overlap": VALIDATION_TILE_OVERLAP, "blend_sigma": VALIDATION_BLEND_SIGMA, "batch_size": train_cfg["batch_size"]},
+    }
+
+
+@functools.cache
+def validation_decoder() -> dict[str, Any]:
+    """The decoder settings of validation F1: the schema's ``segment`` defaults (the user's segment keys never reach training)."""
+    return section_defaults("segment")
+
+
 def validate(
     model: torch.nn.Module,
     volumes: list[tuple[np.ndarray, np.ndarray]],
-    params: dict[str, Any],
+    settings: dict[str, Any],
     device: torch.device,
     input_norm: dict[str, float],
 ) -> dict[str, float]:
     """{"val_iou", "val_f1"} over the validation volumes (at the inference scale), by sliding-window inference.
 
-    IoU: the first channel at probability 0.5 against label > 0, voxels summed
-    over volumes. F1: instance F1 at IoU 0.5 of the heat_watershed decoder on
-    the first channel (``params["segment"]``, a complete section), averaged over volumes.
+    ``settings``: ``window_settings``'s. IoU: the first channel at probability 0.5
+    against label > 0, voxels summed over volumes. F1: instance F1 at IoU 0.5 of
+    the heat_watershed decoder on the first channel (``validation_decoder``), averaged over volumes.
     """
     intersection = union = 0
     scores = []
     for image, label in volumes:
-        probability = predict_volume(model, image, params, device, input_norm)
+        probability = predict_volume(model, image, settings, device, input_norm, tta=VALIDATION_TTA)
         i, u = voxel_iou(probability[0], label)
         intersection, union = intersection + i, union + u
-        labels = segment_block(to_heat(probability[0]), params["segment"])
+        labels = segment_block(to_heat(probability[0]), validation_decoder())
         scores.append(instance_f1(labels, label))
     model.train()
     return {"val_iou": intersection / union if union else 1.0, "val_f1": float(np.mean(scores)) if scores else 0.0}
@@ -164,10 +215,18 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # train's own scratch file beside the checkpoint: everything a rerun needs to continue exactly.
 
 
-def config_digest(params: dict[str, Any]) -> str:
-    """Hash of the settings a resume state must share with the run that continues it."""
-    relevant = {k: params.get(k) for k in ("seed", "model", "train")}
-    relevant[contract.DOWNSAMPLE_XY] = params["infer"][contract.DOWNSAMPLE_XY]
+def config_digest(params: dict[str, Any], setup: "Setup | None" = None) -> str:
+    """Hash of the settings a resume state must share with the run that continues it.
+
+    The keys that change train's output (``config.stage_params``: not the runtime
+    keys, so a rerun on a node with other threads still resumes); ``setup`` adds
+    what ``training_setup`` resolved: the model section run, the pooling factor
+    and the initial checkpoint's bytes (``train.init_from``).
+    """
+    relevant: dict[str, Any] = stage_params(params, "train")
+    relevant.pop(PARAMS_EXPLICIT, None)
+    if setup is not None:
+        relevant.update(resolved=setup.model_cfg, factor=setup.factor, init=setup.init_digest)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -183,6 +242,60 @@ def _load_state(path: Path, digest: str) -> dict[str, Any] | None:
         print(f"emmito train: {path} is from another config; starting from scratch", file=sys.stderr)
         return None
     return state
+
+
+# ---- what a run trains: the model section, the weights to start from, the pooling -----------------
+
+
+@dataclass
+class Setup:
+    """What one run trains (``training_setup``).
+
+    ``model_cfg``: the model section run (the init checkpoint's with
+    ``train.init_from``), its ``downsample_xy`` = ``factor``, the y/x pooling of
+    the training images; ``init_state``: the weights to start from (None: random);
+    ``init_digest``: the hash of the init checkpoint's bytes (for the resume state);
+    ``voxel_size``: (z, y, x) nm of the voxels the network sees, None where unknown.
+    """
+
+    model_cfg: dict[str, Any]
+    factor: int
+    init_state: dict[str, torch.Tensor] | None = None
+    init_digest: str = ""
+    voxel_size: list[float] | None = None
+
+
+def training_setup(params: dict[str, Any], voxel_size: list[float] | None = None, image_source: str = "a training image") -> Setup:
+    """Resolve what a run trains from ``params`` (``seed``, ``model``, ``train``) and the training images' voxel size.
+
+    From scratch: the model section as given, pooled by ``model.downsample_xy``.
+    With ``train.init_from``: that checkpoint's architecture and weights
+    (``model.resolve_model_config`` checks the keys the user set, ``params.explicit``),
+    pooled by the factor that fits ``voxel_size`` to the checkpoint's
+    (``model.pooling_for_volume``; ``image_source`` names the images in its error).
+    One-line EmmitoError for a missing checkpoint, a contradicting key, a patch
+    that does not fit, or ``train.freeze`` without ``train.init_from``.
+    """
+    model_cfg, train_cfg = params["model"], params["train"]
+    init_from = train_cfg["init_from"]
+    if train_cfg["freeze"] != "none" and not init_from:
+        raise EmmitoError(
+            f"train.freeze {train_cfg['freeze']} needs train.init_from (a frozen random encoder learns nothing): "
+            "set train.init_from to a checkpoint, or train.freeze none"
+        )
+    if not init_from:
+        check_patch(model_cfg["patch"], model_cfg)
+        setup = Setup(copy.deepcopy(dict(model_cfg)), int(model_cfg[contract.DOWNSAMPLE_XY]))
+    else:
+        checkpoint = contract.read_checkpoint(init_from)
+        resolved = resolve_model_config(checkpoint, model_cfg, getattr(params, "explicit", None), f"train.init_from {init_from}")
+        if voxel_size is not None:
+            resolved[contract.DOWNSAMPLE_XY] = pooling_for_volume(checkpoint, voxel_size, image_source, init_from)
+        digest = hashlib.sha256(Path(init_from).read_bytes()).hexdigest()[:16]
+        setup = Setup(resolved, int(resolved[contract.DOWNSAMPLE_XY]), checkpoint[contract.CHECKPOINT_STATE], digest)
+    if voxel_size is not None:
+        setup.voxel_size = [float(voxel_size[0]), float(voxel_size[1]) * setup.factor, float(voxel_size[2]) * setup.factor]
+    return setup
 
 
 # ---- one run: batches, steps, the log ---------------------------------------------------------
@@ -215,8 +328,10 @@ class _Run:
     so that a rerun continues exactly where a preempted one stopped.
     """
 
-    def __init__(self, train_volumes: list[tuple[np.ndarray, np.ndarray]], params: dict[str, Any], device: torch.device):
-        model_cfg, train_cfg = params["model"], params["train"]
+    def __init__(
+        self, train_volumes: list[tuple[np.ndarray, np.ndarray]], params: dict[str, Any], setup: Setup, device: torch.device
+    ):
+        model_cfg, train_cfg = setup.model_cfg, params["train"]
         self.train_cfg, self.device = train_cfg, device
         self.rng = np.random.default_rng(params["seed"])
         embedding_channels = embedding_dim(model_cfg)
@@ -229,9 +344,15 @@ class _Run:
             instances=embedding_channels > 0,
         )
         self.loss = TrainingLoss(model_cfg["target"], train_cfg, embedding_channels)
-        self.model = build_model(model_cfg).to(device)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
+        self.model = build_model(model_cfg)
+        if setup.init_state is not None:
+            load_weights(self.model, setup.init_state, f"train.init_from {train_cfg['init_from']}")
+        if train_cfg["freeze"] == "encoder":
+            freeze_encoder(self.model)
+        self.model.to(device).train()
+        self.window_settings = window_settings(model_cfg, train_cfg)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=train_cfg["learning_rate"], weight_decay=train_cfg["weight_decay"])
         self.total = train_cfg["iterations"]
         self.budget_seconds = train_cfg["max_minutes"] * 60.0
         self.schedule_progress: float | None = None
@@ -342,7 +463,7 @@ def _iteration_record(
     record: dict[str, Any] = {"iteration": iteration, "loss": round(float(parts.loss.detach()), 6), "lr": learning_rate}
     record.update({name: round(float(value.detach()), 6) for name, value in parts.terms.items()})
     if validating:
-        scores = validate(run.model, val_volumes, params, run.device, input_norm)
+        scores = validate(run.model, val_volumes, run.window_settings, run.device, input_norm)
         record.update({k: round(v, 6) for k, v in scores.items()})
         run.keep_if_best(iteration, scores["val_iou"])
         if writer is not None:
@@ -391,16 +512,16 @@ def _train_loop(
     return last_iteration
 
 
-def _checkpoint(run: _Run, params: dict[str, Any], input_norm: dict[str, float], last_iteration: int) -> dict[str, Any]:
+def _checkpoint(run: _Run, params: dict[str, Any], setup: Setup, input_norm: dict[str, float], last_iteration: int) -> dict[str, Any]:
     """The checkpoint of a finished run (``contract.CHECKPOINT_*`` keys): the best validated weights, else the last."""
-    model_cfg, train_cfg = params["model"], params["train"]
+    model_cfg = setup.model_cfg
     best_state = run.best_state
     last_state = _cpu_state(run.model)
     checkpoint: dict[str, Any] = {
         contract.CHECKPOINT_MODEL_CONFIG: copy.deepcopy(model_cfg),
         contract.CHECKPOINT_TARGET: model_cfg["target"],
         contract.CHECKPOINT_CHANNELS: output_channels(model_cfg),
-        contract.CHECKPOINT_DOWNSAMPLE_XY: params["infer"][contract.DOWNSAMPLE_XY],
+        contract.CHECKPOINT_DOWNSAMPLE_XY: setup.factor,
         contract.CHECKPOINT_STATE: best_state if best_state is not None else last_state,
         contract.CHECKPOINT_ITERATION: last_iteration,
         contract.CHECKPOINT_BEST_ITERATION: run.best_iteration if best_state is not None else last_iteration,
@@ -408,8 +529,10 @@ def _checkpoint(run: _Run, params: dict[str, Any], input_norm: dict[str, float],
         contract.CHECKPOINT_VERSION: __version__,
         contract.CHECKPOINT_INPUT_NORM: input_norm,
         contract.CHECKPOINT_SEED: params["seed"],
-        contract.CHECKPOINT_TRAIN_CONFIG: copy.deepcopy(train_cfg),
+        contract.CHECKPOINT_TRAIN_CONFIG: copy.deepcopy(params["train"]),
     }
+    if setup.voxel_size is not None:
+        checkpoint[contract.CHECKPOINT_VOXEL_SIZE] = list(setup.voxel_size)
     if best_state is not None:
         checkpoint[contract.CHECKPOINT_LAST_STATE] = last_state
     return checkpoint
@@ -425,34 +548,38 @@ def train_model(
     resume_path: Path | None = None,
     stop_after: int | None = None,
     tensorboard_dir: Path | None = None,
+    voxel_size: list[float] | None = None,
+    image_source: str = "a training image",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train on (image uint8, label uint32) pairs of full-resolution (z, y, x) arrays.
 
-    ``params`` holds the config sections ``seed``, ``model``, ``train``, ``infer``
-    and, where there are validation volumes, ``segment`` (for validation F1):
-    complete sections, defaults filled. Volumes
-    are pooled by ``infer.downsample_xy`` first. ``resume_path``: where the
-    resume state is saved every ``train.save_every`` iterations and read from
-    at the start. ``stop_after``: stop (saving the state) after this iteration,
-    as a preemption would. Returns (checkpoint dict, metrics: one dict per
-    iteration with iteration, loss, lr, seconds and, where validated, val_iou, val_f1).
+    ``params`` holds the config sections ``seed``, ``model`` and ``train``:
+    complete sections, defaults filled (a ``config.Validated`` where
+    ``train.init_from`` should tell the user's model keys from defaults). No other
+    section is read. ``voxel_size``: the training images' (z, y, x) nm, recorded
+    in the checkpoint (times the pooling) and, with ``train.init_from``, what the
+    pooling factor is chosen from (``training_setup``). Volumes are pooled by that
+    factor first. ``resume_path``: where the resume state is saved every
+    ``train.save_every`` iterations and read from at the start. ``stop_after``:
+    stop (saving the state) after this iteration, as a preemption would. Returns
+    (checkpoint dict, metrics: one dict per iteration with iteration, loss, lr,
+    seconds and, where validated, val_iou, val_f1).
     """
-    model_cfg, train_cfg = params["model"], params["train"]
-    check_patch(model_cfg["patch"], model_cfg)
+    train_cfg = params["train"]
+    setup = training_setup(params, voxel_size, image_source)
     device = torch.device(device) if device is not None else pick_device()
     input_norm = dict(DEFAULT_INPUT_NORM)
-    factor = params["infer"][contract.DOWNSAMPLE_XY]
-    train_volumes = [pool_pair(image, label, factor) for image, label in train_volumes]
-    val_volumes = [pool_pair(image, label, factor) for image, label in val_volumes]
+    train_volumes = [pool_pair(image, label, setup.factor) for image, label in train_volumes]
+    val_volumes = [pool_pair(image, label, setup.factor) for image, label in val_volumes]
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(thread_count(train_cfg["threads"]))
     torch.manual_seed(params["seed"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     writer = _tensorboard_writer(tensorboard_dir)
-    digest = config_digest(params)
+    digest = config_digest(params, setup)
     try:
-        run = _Run(train_volumes, params, device)
+        run = _Run(train_volumes, params, setup, device)
         state = _load_state(resume_path, digest) if resume_path is not None else None
         if state is not None:
             run.restore(state)
@@ -466,7 +593,7 @@ def train_model(
         torch.use_deterministic_algorithms(deterministic_before)
         if writer is not None:
             writer.close()
-    return _checkpoint(run, params, input_norm, last_iteration), run.metrics
+    return _checkpoint(run, params, setup, input_norm, last_iteration), run.metrics
 
 
 # ---- after training: the support set of an embedding model -------------------------------------
@@ -480,23 +607,25 @@ def training_embeddings(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(embeddings float32 (E, z, y, x), classes int64 (z, y, x): 1 mitochondrion, 0 background) per training volume.
 
-    Each full-resolution (image, label) volume is pooled and predicted as
-    ``infer`` would (``infer.tta`` included), its embeddings quantised as heat
-    files store them, so that they match what ``segment`` reads.
+    Each full-resolution (image, label) volume is pooled as the checkpoint was
+    trained and predicted with training's own window settings (``window_settings``:
+    ``VALIDATION_TILE_OVERLAP``, ``VALIDATION_TTA``, ``train.batch_size``; never the
+    ``infer`` section, so that an inference key does not change what train writes),
+    its embeddings quantised as heat files store them, so that they match what
+    ``segment`` reads. ``params``: ``train`` (its batch size) is read.
     """
-    model_cfg = {**params["model"], **checkpoint[contract.CHECKPOINT_MODEL_CONFIG]}
+    model_cfg = trained_model_config(checkpoint)
     dim = embedding_dim(model_cfg)
     if not dim:
         raise EmmitoError("a support set needs an embedding model (model.head embedding)")
     model = build_model(model_cfg)
     model.load_state_dict(checkpoint[contract.CHECKPOINT_STATE])
     model.to(device).eval()
+    settings = window_settings(model_cfg, params["train"])
     embedded = []
     for image, label in volumes:
-        image, label = pool_pair(image, label, checkpoint[contract.CHECKPOINT_DOWNSAMPLE_XY])
-        probability = predict_volume(
-            model, image, params, device, checkpoint.get(contract.CHECKPOINT_INPUT_NORM), tta=params["infer"]["tta"]
-        )
+        image, label = pool_pair(image, label, model_cfg[contract.DOWNSAMPLE_XY])
+        probability = predict_volume(model, image, settings, device, checkpoint.get(contract.CHECKPOINT_INPUT_NORM), tta=VALIDATION_TTA)
         embedded.append((heat_to_embeddings(to_heat(probability[-dim:])), (label > 0).astype(np.int64)))
     return embedded
 
@@ -511,9 +640,9 @@ def support_set(
     """The nearest-neighbour support set of an embedding model: (features float32 (N, E), classes int64 (N,)).
 
     ``train.discriminative.support_voxels`` voxels of the training volumes'
-    embeddings (``training_embeddings``, or ``embedded`` where already
-    computed) in all, half background (class 0) and half mitochondrion
-    (class 1), drawn with ``seed``.
+    embeddings (``training_embeddings``, with training's own window settings, or
+    ``embedded`` where already computed) in all, half background (class 0) and
+    half mitochondrion (class 1), drawn with ``seed``.
     """
     embedded = training_embeddings(checkpoint, volumes, params, device) if embedded is None else embedded
     per_volume = max(2, params["train"]["discriminative"]["support_voxels"] // max(1, len(embedded)))
@@ -534,9 +663,10 @@ def write_metrics(path: Any, metrics: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in metrics))
 
 
-def _load_pair(image_path: Any, label_path: Any) -> tuple[np.ndarray, np.ndarray]:
+def _load_pair(image_path: Any, label_path: Any) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(image, label, the image's voxel size (z, y, x nm)) of one training pair, checked."""
     # Training volumes are proofread crops (hundreds of MB at most), so they are loaded whole.
-    image, _ = read_volume(image_path)
+    image, attrs = read_volume(image_path)
     label, _ = read_volume(label_path)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise EmmitoError(f"{image_path}: expected uint8 (z, y, x), found {image.dtype} {image.shape}: rerun 'emmito convert'")
@@ -545,7 +675,24 @@ def _load_pair(image_path: Any, label_path: Any) -> tuple[np.ndarray, np.ndarray
             f"{label_path} is {'x'.join(map(str, label.shape))} but {image_path} is {'x'.join(map(str, image.shape))}: "
             "labels must cover the image slice for slice; reconvert the pair"
         )
-    return image, label
+    return image, label, contract.voxel_size(attrs)
+
+
+def common_voxel_size(voxel_sizes: list[list[float]], images: list[Any]) -> list[float]:
+    """The training images' one voxel size (the first's): every image's y and x within ``POOLING_TOLERANCE`` of it.
+
+    One network learns one scale, and the checkpoint records one; images that
+    differ more are a one-line EmmitoError naming the two files.
+    """
+    reference = voxel_sizes[0]
+    for size, image in zip(voxel_sizes[1:], images[1:]):
+        if pooling_mismatch(size[1:], reference[1:], 1) > POOLING_TOLERANCE:
+            raise EmmitoError(
+                f"{image} has voxels of {'x'.join(f'{v:g}' for v in size)} nm but {images[0]} of "
+                f"{'x'.join(f'{v:g}' for v in reference)} nm: a model trains at one voxel size; resample one of them, "
+                "or fix the volume's voxel_size in the config"
+            )
+    return reference
 
 
 def train_files(
@@ -558,23 +705,30 @@ def train_files(
 ) -> None:
     """Train on (image.h5, label.h5) pairs; write the checkpoint, the metrics log and (embedding models) the support set.
 
-    ``params``: complete config sections (``train_model``). The resume state lives
+    ``params``: complete config sections (``train_model``). The images' voxel size
+    (``common_voxel_size``) goes into the checkpoint. The resume state lives
     beside the checkpoint and is removed once the checkpoint is written.
     """
-    check_patch(params["model"]["patch"], params["model"])
-    train_volumes = [_load_pair(image, label) for image, label in train_pairs]
-    val_volumes = [_load_pair(image, label) for image, label in val_pairs]
-    checkpoint_path = Path(checkpoint_path)
-    # Beside the checkpoint and not a declared output, so a preempted job's rerun finds it.
-    resume_path = checkpoint_path.with_name(checkpoint_path.name + ".resume")
-    tensorboard_dir = checkpoint_path.parent / "tensorboard" if params["train"]["tensorboard"] else None
-    has_embedding = embedding_dim(params["model"]) > 0
+    setup = training_setup(params)  # the config's mistakes before the volumes are read
+    has_embedding = embedding_dim(setup.model_cfg) > 0
     if has_embedding != (support_path is not None):
         raise EmmitoError(
             "model.head embedding needs --support PATH (the support set to write)" if has_embedding
             else "--support is only written for model.head embedding: drop it or set model.head embedding"
         )
-    checkpoint, metrics = train_model(train_volumes, val_volumes, params, resume_path=resume_path, tensorboard_dir=tensorboard_dir)
+    loaded = [_load_pair(image, label) for image, label in [*train_pairs, *val_pairs]]
+    images = [image for image, _ in [*train_pairs, *val_pairs]]
+    voxel_size = common_voxel_size([size for _, _, size in loaded], images)
+    train_volumes = [(image, label) for image, label, _ in loaded[: len(train_pairs)]]
+    val_volumes = [(image, label) for image, label, _ in loaded[len(train_pairs) :]]
+    checkpoint_path = Path(checkpoint_path)
+    # Beside the checkpoint and not a declared output, so a preempted job's rerun finds it.
+    resume_path = checkpoint_path.with_name(checkpoint_path.name + ".resume")
+    tensorboard_dir = checkpoint_path.parent / "tensorboard" if params["train"]["tensorboard"] else None
+    checkpoint, metrics = train_model(
+        train_volumes, val_volumes, params, resume_path=resume_path, tensorboard_dir=tensorboard_dir,
+        voxel_size=voxel_size, image_source=str(images[0]),
+    )
     if has_embedding:
         features, classes = support_set(checkpoint, train_volumes, params, pick_device())
         contract.save_support_set(support_path, features, classes, {"embedding_dim": features.shape[1]})
