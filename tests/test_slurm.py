@@ -23,7 +23,7 @@ from tinyproject import BIN, REPO, make_project, snakemake
 BASE_PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
 CI_PROFILE = REPO / "tests" / "slurm" / "profile" / "config.v8+.yaml"
 SLURM_PROFILES = ("--profile", "profiles/slurm", "--profile", "tests/slurm/profile")
-GPU_RULES = {"train", "infer"}
+GPU_RULES = {"train", "infer", "tune"}
 CORE_RULES = {"convert", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate"}
 # Bounds for a whole run on the CI cluster; `timeout -k` because snakemake waits for its
 # running cluster jobs on SIGTERM (and with a broken status command it would wait for ever).
@@ -43,8 +43,9 @@ def _gpu_rules_declared() -> set[str]:
     """Rules in rules/*.smk whose resources ask for a GPU."""
     rules = set()
     for smk in sorted((REPO / "rules").glob("*.smk")):
-        for block in re.split(r"^(?=rule \w+:)", smk.read_text(), flags=re.M):
-            match = re.match(r"rule (\w+):", block)
+        # Rules may sit inside an `if` (train, tune): match them at any indentation.
+        for block in re.split(r"^(?=\s*rule \w+:)", smk.read_text(), flags=re.M):
+            match = re.match(r"\s*rule (\w+):", block)
             if match and re.search(r"^\s+gpu\s*=\s*[1-9]", block, flags=re.M):
                 rules.add(match.group(1))
     return rules
