@@ -20,6 +20,7 @@ include: "rules/segment.smk"
 include: "rules/trace.smk"
 include: "rules/upsample.smk"
 include: "rules/evaluate.smk"
+include: "rules/measure.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
 

@@ -1,6 +1,6 @@
 # Everything that is not a rule: config validation, chunk/block arithmetic, input functions.
 # Parse-time work stays cheap because every cluster job parses this again: one directory
-# listing and one PNG header per volume, no image decoding.
+# listing and one slice header (or a container's metadata) per volume, no image decoding.
 # Every path pattern comes from emmito.contract.Results (R), the cutting into chunks and
 # blocks from emmito.blocks.Layout (LAYOUT), each rule's params from the schema's x-stages
 # (stage_params below).
@@ -11,11 +11,15 @@ import re
 import shlex
 from functools import cache
 
+import numpy as np
+
 from emmito import config as emmito_config
 from emmito.blocks import Layout
 from emmito.contract import DOWNSAMPLE_XY, OUTPUT_VERSIONS, Results
 from emmito.contract import decoder_settings_beside, support_set_beside
-from emmito.io import EmmitoError, list_slices, png_header
+from emmito.io import EmmitoError
+from emmito.sources import describe as describe_source
+from emmito.sources import slab_slices
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -80,11 +84,14 @@ if TRAINS and config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDI
 
 
 @cache
-def slice_files(vol, kind="images"):
-    """The PNG slices of a volume, ordered by the number in their names."""
+def volume_source(vol, kind="images"):
+    """What volumes.<vol>.<kind> holds (emmito.sources.describe): depth, height, width, input files.
+
+    Slices: one directory listing and one header; TIFF stacks, HDF5, zarr, N5: their metadata.
+    """
     where = str(config["volumes"][vol][kind])
     try:
-        return [str(p) for p in list_slices(where)]
+        return describe_source(where)
     except EmmitoError as exc:
         if where.startswith("data/demo/") and not os.path.exists("data/demo/.done"):
             raise WorkflowError(
@@ -94,20 +101,22 @@ def slice_files(vol, kind="images"):
         raise WorkflowError(f"volumes.{vol}.{kind}: {exc}") from None
 
 
+def slice_files(vol, kind="images"):
+    """The files a volume's images (or labels) are read from: its slices in z order, or one stack / container."""
+    return list(volume_source(vol, kind).files)
+
+
 @cache
 def depth(vol):
-    return len(slice_files(vol))
+    return volume_source(vol).depth
 
 
 @cache
 def slice_voxels(vol):
-    """Voxels per slice at inference resolution (one PNG header read), for memory requests."""
-    try:
-        height, width = png_header(slice_files(vol)[0])[:2]
-    except EmmitoError as exc:
-        raise WorkflowError(f"volumes.{vol}.images: {exc}") from None
+    """Voxels per slice at inference resolution (from the first header or the metadata), for memory requests."""
+    described = volume_source(vol)
     factor = config["model"][DOWNSAMPLE_XY]
-    return max(1, (height // factor) * (width // factor))
+    return max(1, (described.height // factor) * (described.width // factor))
 
 
 def has_labels(vol):
@@ -137,8 +146,14 @@ def all_outputs():
         targets.append(R.model_report(MODEL, "decoder.html"))
     for vol in config["infer"]["volumes"]:
         targets.append(R.seg(vol))
-        targets.append(R.neuroglancer(vol))
-        targets += [R.report(vol, "overlays.png"), R.report(vol, "sizes.png")]
+        targets += [R.neuroglancer(vol), R.objects(vol)]
+        if config["export"]["ome_zarr"]:
+            targets.append(R.ome_zarr(vol))
+        if config["export"]["tiff"]:
+            targets.append(R.seg_tiff(vol))
+        targets += [
+            R.report(vol, name) for name in ("overlays.png", "sizes.png", "objects.png")
+        ]
         if has_labels(vol):
             targets.append(R.metrics(vol))
             targets += [R.report(vol, "scores.png"), R.report(vol, "metrics.html")]
@@ -326,6 +341,50 @@ def no_slices(wildcards):
     return 0
 
 
+def eight_slices(wildcards):
+    """Stages that work a slab of 8 slices (one HDF5 chunk depth) at a time: measure, ome_zarr, tiff."""
+    return 8
+
+
+# ---- convert --------------------------------------------------------------------------
+
+
+def convert_params(wildcards):
+    """The convert section (how 16-bit and float images map to uint8) with the output version, as --params.
+
+    stage_params("convert") would also hold every volume (volumes has x-stages [convert]),
+    so adding a volume would rerun the others' convert: each rule passes its own volume's
+    entry as arguments (images_arg, labels_arg, voxel_size_arg) instead.
+    """
+    chosen = emmito_config.stage_params(VALIDATED, "convert")
+    chosen.pop("volumes", None)
+    explicit = emmito_config.PARAMS_EXPLICIT
+    chosen[explicit] = [k for k in chosen[explicit] if not k.startswith("volumes.")]
+    return shlex.quote(json.dumps(chosen, sort_keys=True, separators=(",", ":")))
+
+
+def convert_mem_mb(kind, base_mb):
+    """A slab of the source (whole storage chunks in z, emmito.sources.slab_slices) and its copies.
+
+    Per voxel of the slab: the stored values twice (read, then checked), the float work
+    array of the intensity mapping and the uint8 result; labels: up to 3 samples (RGB)
+    twice and the uint32 ids.
+    """
+
+    def request(wildcards, attempt):
+        described = volume_source(wildcards.vol, kind)
+        itemsize = np.dtype(described.dtype).itemsize
+        height, width = described.height, described.width
+        slab = slab_slices(described.chunk_slices, height, width, itemsize, 8)
+        if kind == "images":
+            per_voxel = 2 * itemsize + (4 if itemsize <= 2 else 8) + 1
+        else:
+            per_voxel = 6 * itemsize + 8
+        return int((base_mb + per_voxel * slab * height * width / 2**20) * attempt)
+
+    return request
+
+
 # ---- shell arguments ----------------------------------------------------------------
 
 
@@ -342,13 +401,14 @@ def voxel_size_arg(wildcards):
     return " ".join(str(v) for v in config["volumes"][wildcards.vol]["voxel_size"])
 
 
-# List the slices of every volume the run uses at parse time (one directory listing each,
-# cached): a numbering mistake then stops the run with one message, where from inside an
-# input function Snakemake would wrap it in an InputFunctionException with a traceback.
+# Describe every volume the run uses at parse time (one directory listing or one container's
+# metadata each, cached): a numbering mistake or a wrong dataset path then stops the run with
+# one message, where from inside an input function Snakemake would wrap it in an
+# InputFunctionException with a traceback.
 for _vol in dict.fromkeys(
     config["train"]["volumes"]
     + config["train"]["validation"]
     + config["infer"]["volumes"]
 ):
     for _kind in ("images", "labels") if has_labels(_vol) else ("images",):
-        slice_files(_vol, _kind)
+        volume_source(_vol, _kind)

@@ -1,5 +1,5 @@
 rule convert:
-    """PNG slices -> results/{vol}/image.h5 (uint8, z y x)."""
+    """Images (PNG/TIFF slices, a TIFF stack, HDF5, zarr or N5) -> results/{vol}/image.h5 (uint8, z y x)."""
     input:
         convert_images,
     output:
@@ -12,19 +12,21 @@ rule convert:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=mem_mb(one_slice, 32),
+        mem_mb=convert_mem_mb("images", 1000),
         runtime=runtime_minutes(60),
     params:
         images=images_arg,
         voxel_size=voxel_size_arg,
+        config=convert_params,
         output_version=OUTPUT_VERSIONS["convert"],
     shell:
         "emmito convert --images {params.images} --voxel-size {params.voxel_size}"
-        " --image-out {output} > {log} 2>&1"
+        " --image-out {output} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_CONVERT" > {log} 2>&1'
 
 
 rule convert_labels:
-    """Label PNG slices -> results/{vol}/label.h5 (uint32 instance ids, z y x)."""
+    """Labels (PNG/TIFF slices, a TIFF stack, HDF5, zarr or N5) -> results/{vol}/label.h5 (uint32 instance ids, z y x)."""
     input:
         convert_labels,
     output:
@@ -37,7 +39,7 @@ rule convert_labels:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=mem_mb(one_slice, 64, base_mb=2000),
+        mem_mb=convert_mem_mb("labels", 2000),
         runtime=runtime_minutes(60),
     params:
         images=images_arg,
@@ -45,5 +47,7 @@ rule convert_labels:
         voxel_size=voxel_size_arg,
         output_version=OUTPUT_VERSIONS["convert"],
     shell:
+        # no convert section: how grey values map to uint8 does not change the labels
         "emmito convert --images {params.images} {params.labels} --voxel-size {params.voxel_size}"
-        " --label-out {output} > {log} 2>&1"
+        " --label-out {output}"
+        ' --runtime "$EMMITO_RUNTIME_CONVERT" > {log} 2>&1'

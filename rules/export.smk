@@ -11,10 +11,12 @@ EXPORT_MEM_MB = 1000 + int(
 
 
 rule export:
-    """seg.h5 + image.h5 -> neuroglancer precomputed volumes (multiscale) for emmito view."""
+    """seg.h5 + image.h5 + objects.csv + meshes -> neuroglancer precomputed volumes (multiscale) for emmito view."""
     input:
         seg=R.seg(),
         image=R.image(),
+        objects=R.objects(),
+        meshes=R.meshes(),
     output:
         directory(R.neuroglancer()),
     log:
@@ -30,5 +32,55 @@ rule export:
     params:
         config=stage_params("export"),
     shell:
-        "emmito export {input.seg} {input.image} {output} --params {params.config}"
+        "emmito export {input.seg} {input.image} {output} --objects {input.objects}"
+        " --meshes {input.meshes} --params {params.config}"
+        ' --runtime "$EMMITO_RUNTIME_EXPORT" > {log} 2>&1'
+
+
+rule ome_zarr:
+    """seg.h5 + image.h5 -> seg.ome.zarr: OME-NGFF image, the segmentation under labels/ (napari, Fiji)."""
+    input:
+        seg=R.seg(),
+        image=R.image(),
+    output:
+        directory(R.ome_zarr()),
+    log:
+        R.log("export", "{vol}.ome_zarr"),
+    benchmark:
+        R.benchmark("export", "{vol}.ome_zarr")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        # a slab of image (1 byte) and labels (4), their coarser levels and the encoded chunks
+        mem_mb=mem_mb(eight_slices, 16),
+        runtime=runtime_minutes(120),
+    params:
+        output_version=OUTPUT_VERSIONS["export"],
+    shell:
+        "emmito export --ome-zarr {input.seg} {input.image} {output}"
+        ' --runtime "$EMMITO_RUNTIME_EXPORT" > {log} 2>&1'
+
+
+rule tiff:
+    """seg.h5 -> seg.tif, the labels as a TIFF stack for Fiji (config export.tiff)."""
+    input:
+        R.seg(),
+    output:
+        R.seg_tiff(),
+    log:
+        R.log("export", "{vol}.tiff"),
+    benchmark:
+        R.benchmark("export", "{vol}.tiff")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        # a slab of uint32 labels and its uint16/uint32 copy
+        mem_mb=mem_mb(eight_slices, 8),
+        runtime=runtime_minutes(120),
+    params:
+        output_version=OUTPUT_VERSIONS["export"],
+    shell:
+        "emmito export --tiff {input} {output}"
         ' --runtime "$EMMITO_RUNTIME_EXPORT" > {log} 2>&1'

@@ -1,4 +1,5 @@
-# Plots for `snakemake --report report.html`: training curves, scores, overlays, object sizes.
+# Plots for `snakemake --report report.html`: training curves, scores, overlays, object sizes,
+# object volume and length (objects.csv).
 
 
 report: "../report/workflow.rst"
@@ -97,6 +98,33 @@ rule report_volume:
     shell:
         "emmito report --volume {input.seg} {input.image} {input.id_map} {output.overlays} {output.sizes}"
         " > {log} 2>&1"
+
+
+rule report_objects:
+    """Distributions of object volume and skeleton length (objects.csv)."""
+    input:
+        R.objects(),
+    output:
+        report(
+            R.report(name="objects.png"),
+            caption="../report/objects.rst",
+            category="Segmentation",
+            subcategory="{vol}",
+        ),
+    log:
+        R.log("report", "{vol}.objects"),
+    benchmark:
+        R.benchmark("report", "{vol}.objects")
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(no_slices, 0, base_mb=1000),
+        runtime=runtime_minutes(10),
+    params:
+        output_version=OUTPUT_VERSIONS["report"],
+    shell:
+        "emmito report --objects {input} {output} > {log} 2>&1"
 
 
 # Only where segment reads tuned settings (DECODER_SETTINGS, rules/common.smk).

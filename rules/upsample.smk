@@ -1,5 +1,5 @@
 rule upsample:
-    """Traced labels -> full image resolution (nearest) + a mode-downsampled pyramid for viewing."""
+    """Traced labels -> seg.h5: full image resolution (nearest) + a mode pyramid, gzip (no filter plugin needed)."""
     input:
         traced=R.traced(),
         image=R.image(),

@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "emmito"
 
-STAGES = {"convert", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export"}
+STAGES = {"convert", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export", "measure"}
 TOP = {"cli", "report", "view", "summary", "__main__"}
 CONTRACT = "contract"
 FORBIDDEN_LITERALS = ('"main"', '"volume_depth"', '"downsample_xy"', '"channels"', '"voxel_size"', '"offset"', '"results/')

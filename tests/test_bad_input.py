@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import formats
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter)
 import numpy as np
@@ -201,6 +202,55 @@ def _grey_labels_declared_as_vast(tmp_path):
     return images, ["--labels", labels, "--label-format", "vast"]
 
 
+def _hdf5_dataset_missing(tmp_path):
+    formats.hdf5(tmp_path / "em.h5", "em/raw", np.zeros((4, 16, 16), np.uint8))
+    return f"{tmp_path}/em.h5:/em/rwa", []
+
+
+def _hdf5_not_3d(tmp_path):
+    return formats.hdf5(tmp_path / "em.h5", "em", np.zeros((2, 4, 16, 16), np.uint8)), []
+
+
+def _garbage_named_h5_input(tmp_path):
+    (tmp_path / "em.h5").write_text("not HDF5 at all\n")
+    return f"{tmp_path}/em.h5:/em", []
+
+
+def _zarr_path_missing(tmp_path):
+    formats.zarr_array(tmp_path / "em.zarr", "s0", np.zeros((4, 16, 16), np.uint8))
+    return f"{tmp_path}/em.zarr:/s9", []
+
+
+def _colour_tiff_slice(tmp_path):
+    rgb = np.zeros((4, 16, 16, 3), np.uint8)
+    rgb[2, ..., 0] = 200
+    return formats.tiff_slices(tmp_path / "em", rgb), []
+
+
+def _truncated_tiff_stack(tmp_path):
+    stack = formats.tiff_stack(tmp_path / "em.tif", np.random.default_rng(0).integers(0, 4096, (6, 32, 32), dtype=np.uint16))
+    data = Path(stack).read_bytes()
+    Path(stack).write_bytes(data[: len(data) // 2])
+    return stack, []
+
+
+def _hdf5_labels_one_slice_short(tmp_path):
+    images = formats.tiff_stack(tmp_path / "em.tif", np.zeros((4, 16, 16), np.uint8))
+    labels = formats.hdf5(tmp_path / "lab.h5", "ids", np.zeros((3, 16, 16), np.uint32))
+    return images, ["--labels", labels, "--label-format", "instance"]
+
+
+def _vast_labels_from_zarr(tmp_path):
+    images = grey_stack(tmp_path / "em")
+    labels = formats.zarr_array(tmp_path / "lab.zarr", "ids", np.zeros((4, 16, 16), np.uint32))
+    return images, ["--labels", labels, "--label-format", "vast"]
+
+
+def _percentiles_the_wrong_way_round(tmp_path):
+    images = formats.tiff_stack(tmp_path / "em.tif", np.zeros((4, 16, 16), np.uint16))
+    return images, ["--params", json.dumps({"convert": {"percentiles": [99.9, 0.1]}})]
+
+
 def _bad_last_label(tmp_path):
     """The image is streamed first; a bad last label must not leave a finished-looking image.h5."""
     images, labels = grey_stack(tmp_path / "em"), mask_stack(tmp_path / "lab")
@@ -214,8 +264,8 @@ def _bad_last_label(tmp_path):
         # numbering, count, size
         (_missing_slice_number, ["slice number 2 is missing between slice_001.png and slice_003.png", "add the missing slice"]),
         (_duplicate_slice_number, ["slice_001.png and slice_1.png both have slice number 1", "keep one of them"]),
-        (_no_slices_in_the_folder, ["folder {tmp}/em: no .png files in it", "point to the folder"]),
-        (_glob_that_matches_nothing, ["no .png files match", "check the path"]),
+        (_no_slices_in_the_folder, ["folder {tmp}/em: no .png or .tif files in it", "point to the folder"]),
+        (_glob_that_matches_nothing, ["no .png or .tif files match", "check the path"]),
         (_slice_without_a_number, ["overview.png has no number in its name", "rename it"]),
         (_mixed_slice_sizes, ["slice 003", "slice_003.png", "is 14x16 (width x height), the others are 16x16: crop or pad it"]),
         # pixel formats
@@ -228,12 +278,24 @@ def _bad_last_label(tmp_path):
         (_label_size_differs, ["are 12x16 but image slices", "are 16x16", "match the images pixel for pixel"]),
         (_grey_labels_declared_as_vast, ["mask_000.png: label_format vast needs RGB PNGs", "use label_format instance"]),
         (_bad_last_label, ["mask_003.png: binary mask", ": 7:"]),
+        # other input formats
+        (_hdf5_dataset_missing, ["{tmp}/em.h5: no dataset /em/rwa in it (it holds /em/raw)", "fix the path after the colon"]),
+        (_hdf5_not_3d, ["{tmp}/em.h5:/em: a 4D array (shape (2, 4, 16, 16)), not 3D (z, y, x)", "one channel"]),
+        (_garbage_named_h5_input, ["{tmp}/em.h5: not a readable HDF5 file", "re-export it"]),
+        (_zarr_path_missing, ["{tmp}/em.zarr: no array at /s9 in it (it holds /s0)", "fix the path after the colon"]),
+        (_colour_tiff_slice, ["slice_002.tif", "is colour (channels differ): export it as greyscale"]),
+        (_truncated_tiff_stack, ["{tmp}/em.tif", "corrupt or truncated; re-export it"]),
+        (_hdf5_labels_one_slice_short, ["3 label slices ({tmp}/lab.h5:/ids) but 4 image slices", "one label slice per image slice"]),
+        (_vast_labels_from_zarr, ["lab.zarr:/ids: label_format vast reads RGB PNG or TIFF slices", "use label_format instance"]),
+        (_percentiles_the_wrong_way_round, ["convert.percentiles [99.9, 0.1]", "low percentile must be below the high one"]),
     ],
     ids=[
         "missing-slice-number", "duplicate-slice-number", "no-slices-in-the-folder", "glob-that-matches-nothing",
         "slice-without-a-number", "mixed-slice-sizes", "rgb-with-differing-channels", "truncated-png", "jpeg-named-png",
         "binary-labels-with-stray-values", "label-count-differs", "label-size-differs", "grey-labels-declared-as-vast",
-        "bad-last-label-leaves-neither-output",
+        "bad-last-label-leaves-neither-output", "hdf5-dataset-missing", "hdf5-not-3d", "garbage-named-h5-input",
+        "zarr-path-missing", "colour-tiff-slice", "truncated-tiff-stack", "hdf5-labels-one-slice-short",
+        "vast-labels-from-zarr", "percentiles-the-wrong-way-round",
     ],
 )
 def test_bad_slices_are_refused_in_one_line(tmp_path, make, words):
@@ -242,15 +304,15 @@ def test_bad_slices_are_refused_in_one_line(tmp_path, make, words):
     assert_refused(result, "convert", [word.format(tmp=tmp_path) for word in words], out)
 
 
-def test_16_bit_slices_are_scaled_by_dropping_the_low_byte(tmp_path):
-    """Documented behaviour (README, io.read_png_slice): value >> 8, the same rule for every slice."""
+def test_16_bit_slices_are_scaled_by_dropping_the_low_byte_with_intensity_shift(tmp_path):
+    """convert.intensity shift (the rule before issue 16): value >> 8, the same rule for every slice."""
     rng = np.random.default_rng(16)
     stack = rng.integers(0, 65536, (3, 8, 8), dtype=np.uint16)
     stack[0, 0, 0], stack[0, 0, 1], stack[0, 0, 2] = 0, 255, 65535  # 255 >> 8 is 0, not a rounded 1
     for i, pixels in enumerate(stack):
         write_png(tmp_path / "em" / f"s{i}.png", pixels)
     assert io.png_header(tmp_path / "em" / "s0.png")[2] == 16
-    result, out = convert(tmp_path, tmp_path / "em")
+    result, out = convert(tmp_path, tmp_path / "em", "--params", json.dumps({"convert": {"intensity": "shift"}}))
     assert result.returncode == 0, result.stderr
     image, _ = io.read_volume(out / "image.h5")
     assert image.dtype == np.uint8
@@ -434,6 +496,19 @@ def test_snakemake_dry_run_names_the_volume_with_a_missing_slice(tmp_path):
     assert "InputFunctionException" not in output, output
     # the first volume listed is the one named
     assert re.search(r"volumes\.(deploy|train)\.images: folder em/\w+: slice number 4 is missing between slice_003.png and slice_005.png", output), output
+    assert not (project / "results").exists()
+
+
+@pytest.mark.workflow
+def test_snakemake_dry_run_names_the_volume_with_a_missing_hdf5_dataset(tmp_path):
+    project = _project(tmp_path / "p", {}, images_from=grey_stack(tmp_path / "em", count=6))
+    formats.hdf5(project / "em" / "stack.h5", "volumes/raw", np.zeros((6, 16, 16), np.uint8))
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["volumes"]["deploy"] = {"images": "em/stack.h5:/volumes/row"}
+    (project / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    output = _snakemake_error(snakemake(project, "-n", check=False))
+    assert "InputFunctionException" not in output, output
+    assert "volumes.deploy.images: em/stack.h5: no dataset /volumes/row in it (it holds /volumes/raw)" in output, output
     assert not (project / "results").exists()
 
 

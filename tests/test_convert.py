@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from scipy import ndimage
 from emmito import contract, convert
 from emmito.convert import binary_to_instances, convert_stack, label_components
 from emmito.io import EmmitoError, list_slices, png_header, read_png_slice, read_volume
+from emmito.sources import IntensityMapping
 
 CDEEP3M = Path(
     os.environ.get("EMMITO_CDEEP3M", Path(__file__).resolve().parents[2] / "shared" / "data" / "cdeep3m-mito")
@@ -79,8 +81,8 @@ def test_last_run_of_digits_counts(tmp_path):
         ),
         (["s01.png", "s1.png"], "", r"s01.png and s1.png both have slice number 1"),
         (["s1.png", "overview.png"], "", "overview.png has no number"),
-        (["s1.png", "overview.png"], "missing/*.png", "no .png files match"),
-        (["empty/"], "empty", "no .png files in it"),
+        (["s1.png", "overview.png"], "missing/*.png", "no .png or .tif files match"),
+        (["empty/"], "empty", "no .png or .tif files in it"),
     ],
     ids=["gap-names-the-neighbours", "duplicate-names-both", "name-without-number", "glob-matching-nothing", "empty-folder"],
 )
@@ -394,3 +396,117 @@ def test_cdeep3m_slices_read_as_grey_images_and_0_1_masks():
         assert 0.03 < mask.mean() < 0.2  # the README: about 8 %
         # Mitochondria are darker than the rest of the tissue.
         assert image[mask == 1].mean() < image[mask == 0].mean() - 10
+
+
+# ---- every input format, and one intensity mapping per volume --------------------------------
+
+
+def twelve_bit_volume(depth: int = 9, size: int = 24) -> np.ndarray:
+    """A 12-bit detector's image in uint16 (values 200..3900), one slice much dimmer than the rest."""
+    rng = np.random.default_rng(12)
+    volume = rng.integers(200, 3901, (depth, size, size), dtype=np.uint16)
+    volume[4] = rng.integers(1800, 2201, (size, size), dtype=np.uint16)  # a dim slice: not stretched on its own
+    volume[:, 0, 0] = 2000  # the same value in every slice
+    return volume
+
+
+def test_12_bit_tiff_slices_keep_their_contrast_through_one_mapping(tmp_path):
+    from formats import tiff_slices
+
+    raw = twelve_bit_volume()
+    summary = convert_stack(tiff_slices(tmp_path / "em", raw), voxel_size=(40, 8, 8), image_out=tmp_path / "image.h5")
+    image, attrs = read_volume(tmp_path / "image.h5")
+    assert image.dtype == np.uint8 and len(np.unique(image)) >= 200  # `>> 8` would leave 16 levels
+    assert len(np.unique((raw >> 8).astype(np.uint8))) <= 16
+    mapping = IntensityMapping.from_json(attrs[contract.INTENSITY_MAPPING])
+    assert mapping == summary["intensity_mapping"]
+    assert mapping.rule == "percentile" and mapping.source_dtype == "uint16" and mapping.percentiles == (0.1, 99.9)
+    assert 200 <= mapping.low < 300 and 3800 < mapping.high <= 3900
+    # One mapping for every slice: each slice, mapped alone, is what the volume holds...
+    for z in range(len(raw)):
+        assert np.array_equal(mapping.apply(raw[z]), image[z])
+    # ... so a value maps alike everywhere, and the dim slice stays dim (no per-slice stretch).
+    assert len(set(image[:, 0, 0].tolist())) == 1
+    assert image[4].max() - image[4].min() < 40 < image[3].max() - image[3].min()
+
+
+def test_every_format_converts_to_the_same_image_h5(tmp_path):
+    from formats import hdf5, n5, png_slices, tiff_slices, tiff_stack, zarr_array
+
+    volume = np.random.default_rng(8).integers(0, 256, (10, 16, 24), dtype=np.uint8)
+    specs = {
+        "png": png_slices(tmp_path / "png", volume),
+        "tif": tiff_slices(tmp_path / "tif", volume),
+        "stack": tiff_stack(tmp_path / "stack.tif", volume),
+        "h5": hdf5(tmp_path / "v.h5", "em", volume, chunks=(3, 16, 24)),
+        "zarr": zarr_array(tmp_path / "v.zarr", "em", volume, chunks=(5, 8, 8)),
+        "n5": n5(tmp_path / "v.n5", "em", volume),
+    }
+    for name, spec in specs.items():
+        convert_stack(spec, voxel_size=(40, 8, 8), image_out=tmp_path / f"{name}.h5")
+        image, attrs = read_volume(tmp_path / f"{name}.h5")
+        assert np.array_equal(image, volume), name
+        assert json.loads(attrs[contract.INTENSITY_MAPPING]) == {"rule": "identity", "source_dtype": "uint8"}
+    first = (tmp_path / "png.h5").read_bytes()
+    assert all((tmp_path / f"{name}.h5").read_bytes() == first for name in specs), "same pixels, same bytes"
+
+
+def test_labels_from_arrays_and_stacks(tmp_path):
+    from formats import hdf5, tiff_stack, zarr_array
+
+    mask = blobs((8, 20, 20), seed=5)
+    images = tiff_stack(tmp_path / "em.tif", (mask * 100 + 50).astype(np.uint8))
+    convert_stack(images, voxel_size=(40, 8, 8), label_paths=zarr_array(tmp_path / "m.zarr", "mask", mask.astype(np.uint8) * 255),
+                  label_format="binary", label_out=tmp_path / "binary.h5")
+    assert np.array_equal(read_volume(tmp_path / "binary.h5")[0], cc3d.connected_components(mask, connectivity=6))
+    ids = (np.arange(8 * 20 * 20, dtype=np.int64).reshape(8, 20, 20) % 7) * 1000
+    convert_stack(images, voxel_size=(40, 8, 8), label_paths=hdf5(tmp_path / "ids.h5", "seg/ids", ids),
+                  label_format="instance", label_out=tmp_path / "instance.h5")
+    assert np.array_equal(read_volume(tmp_path / "instance.h5")[0], ids.astype(np.uint32))
+
+
+def test_sources_stream_slab_by_slab(tmp_path, monkeypatch):
+    from formats import hdf5
+
+    from emmito import sources
+
+    volume = np.random.default_rng(3).integers(0, 4096, (40, 16, 16), dtype=np.uint16)
+    spec = hdf5(tmp_path / "v.h5", "em", volume, chunks=(10, 16, 16))
+    slabs = []
+    real = sources.Source.read
+    monkeypatch.setattr(sources.Source, "read", lambda self, z0, z1: slabs.append(z1 - z0) or real(self, z0, z1))
+    convert_stack(spec, voxel_size=(40, 8, 8), image_out=tmp_path / "image.h5")
+    # 16 one-slice samples for the percentiles, then whole input chunks in whole output chunks (8 deep): 16 slices.
+    assert slabs == [1] * 16 + [16, 16, 8]
+
+
+@pytest.mark.bad_input
+def test_no_output_when_labels_from_an_array_fail_late(tmp_path):
+    from formats import hdf5, zarr_array
+
+    images = hdf5(tmp_path / "em.h5", "em", np.full((12, 8, 8), 1000, np.uint16))
+    mask = np.zeros((12, 8, 8), np.uint8)
+    mask[11, 3, 3] = 9  # found only when the last slab is read
+    out = tmp_path / "out"
+    with pytest.raises(EmmitoError, match=r"m.zarr:/mask slice 11: binary mask holds values other than 0/1/255: 9"):
+        convert_stack(images, voxel_size=(40, 8, 8), image_out=out / "image.h5",
+                      label_paths=zarr_array(tmp_path / "m.zarr", "mask", mask), label_out=out / "label.h5")
+    assert list(out.iterdir()) == []
+
+
+def test_cli_converts_an_hdf5_dataset_with_the_shift_rule(tmp_path):
+    from formats import hdf5
+
+    raw = twelve_bit_volume(depth=6, size=8)
+    spec = hdf5(tmp_path / "em.h5", "volumes/raw", raw)
+    params = json.dumps({"convert": {"intensity": "shift"}})
+    result = run_convert("--images", spec, "--image-out", str(tmp_path / "image.h5"), "--params", params)
+    assert result.returncode == 0, result.stderr
+    assert "intensity shift (uint16)" in result.stderr
+    image, attrs = read_volume(tmp_path / "image.h5")
+    assert np.array_equal(image, (raw >> 8).astype(np.uint8))
+    assert json.loads(attrs[contract.INTENSITY_MAPPING]) == {"rule": "shift", "source_dtype": "uint16"}
+    again = run_convert("--images", spec, "--image-out", str(tmp_path / "again.h5"))
+    assert again.returncode == 0 and "intensity percentile (uint16 [" in again.stderr
+    convert_stack(spec, voxel_size=(40, 8, 8), image_out=tmp_path / "third.h5")
+    assert (tmp_path / "again.h5").read_bytes() == (tmp_path / "third.h5").read_bytes(), "same input, same bytes"

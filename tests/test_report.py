@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
-from emmito import contract, report  # noqa: E402
+from emmito import contract, labels, report  # noqa: E402
 from emmito.io import EmmitoError, write_json  # noqa: E402
 from emmito.metrics import F1_IOU_THRESHOLDS  # noqa: E402
 from emmito.resampling import downsample_mode  # noqa: E402
@@ -41,6 +41,17 @@ DECODER = {
         {"settings": {"foreground_threshold": 160, "seed_threshold": 200, "min_size": 250}, "score": 0.8426, "instance_f1": 0.9362},
     ],
 }
+
+
+def object_rows(n: int = 40) -> list[dict]:
+    """objects.csv rows: volumes spread over two decades, lengths 0 (a one-voxel object) to 4 um, two cut by the edge."""
+    rows = []
+    for i in range(1, n + 1):
+        row = {column: 0 for column in contract.OBJECT_COLUMNS}
+        row.update(id=i, voxels=100 * i, volume_um3=0.001 * i**1.5, length_um=0.0 if i == 1 else 0.1 * i,
+                   touches_edge=int(i in (5, 9)))
+        rows.append(row)
+    return rows
 
 
 def training_records(n: int = 30, validate_every: int | None = 10) -> list[dict]:
@@ -79,6 +90,7 @@ def volume(tmp_path_factory):
     }
     write_json(folder / "trace.json", {"blocks": 1, "objects": objects, "id_map": {}})
     write_json(folder / "metrics.json", METRICS)
+    labels.write_objects(folder / "objects.csv", object_rows())
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in training_records()))
     contract.save_decoder_settings(folder / "decoder.json", DECODER)
     return folder
@@ -114,6 +126,23 @@ def test_broken_training_log_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "loss": 0.5}\n{"iteration": 2, "lo\n')
     with pytest.raises(EmmitoError, match=r"metrics.jsonl: line 2 is not JSON"):
         report.read_training_log(tmp_path / "metrics.jsonl")
+
+
+def test_object_distributions_are_a_png_and_deterministic(volume, tmp_path):
+    rows = labels.read_objects(volume / "objects.csv")
+    report.plot_objects(rows, tmp_path / "a.png")
+    report.plot_objects(rows, tmp_path / "b.png")
+    assert png_size(tmp_path / "a.png") == (1100, 400)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    picture = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
+    left, right = picture[:, :550], picture[:, 550:]
+    blue = (left[..., 2] > 150) & (left[..., 0] < 100)  # tab:blue bars: volume
+    orange = (right[..., 0] > 200) & (right[..., 2] < 100)  # tab:orange bars: length
+    assert blue.sum() > 2000 and orange.sum() > 2000
+    report.plot_objects(rows[:10], tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    report.plot_objects([], tmp_path / "empty.png")  # no objects: a plot that says so
+    assert png_size(tmp_path / "empty.png") == (1100, 400)
 
 
 def test_scores_plot_and_table(tmp_path):
@@ -162,11 +191,13 @@ def test_cli_writes_every_plot(volume, tmp_path):
          "--training", str(volume / "metrics.jsonl"), str(out / "training.png"),
          "--scores", str(volume / "metrics.json"), str(out / "scores.png"), str(out / "metrics.html"),
          "--volume", str(volume / "seg.h5"), str(volume / "image.h5"), str(volume / "trace.json"),
-         str(out / "overlays.png"), str(out / "sizes.png"), "--overlays", "2"],
+         str(out / "overlays.png"), str(out / "sizes.png"), "--overlays", "2",
+         "--objects", str(volume / "objects.csv"), str(out / "objects.png")],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.html", "overlays.png", "scores.png", "sizes.png", "training.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.html", "objects.png", "overlays.png", "scores.png", "sizes.png", "training.png"]
     assert png_size(out / "overlays.png") == (1200, 600)  # two panels side by side
     overlays = np.asarray(Image.open(out / "overlays.png").convert("RGB")).astype(int)
     assert (np.ptp(overlays, axis=-1) > 60).sum() > 10_000, "no coloured segmentation in the overlays"
@@ -184,21 +215,21 @@ def test_snakemake_report_builds(volume, tmp_path):
     results = project / "results"
     (results / "deploy").mkdir(parents=True)
     (results / "model/tiny").mkdir(parents=True)
-    for name in ("image.h5", "seg.h5", "trace.json", "metrics.json"):
+    for name in ("image.h5", "seg.h5", "trace.json", "metrics.json", "objects.csv"):
         shutil.copy2(volume / name, results / "deploy" / name)
     shutil.copy2(volume / "metrics.jsonl", results / "model/tiny/metrics.jsonl")
     shutil.copy2(volume / "decoder.json", results / "model/tiny/decoder.json")
     targets = [
         "results/model/tiny/report/training.png",
         "results/model/tiny/report/decoder.html",
-        *(f"results/deploy/report/{name}" for name in ("overlays.png", "sizes.png", "scores.png", "metrics.html")),
+        *(f"results/deploy/report/{name}" for name in ("overlays.png", "sizes.png", "scores.png", "metrics.html", "objects.png")),
     ]
-    allowed = ["--allowed-rules", "report_training", "report_decoder", "report_scores", "report_volume", "--"]
+    allowed = ["--allowed-rules", "report_training", "report_decoder", "report_scores", "report_volume", "report_objects", "--"]
     snakemake(project, "--cores", "2", *allowed, *targets)
     result = snakemake(project, "--report", "report.html", *allowed, *targets)
     assert "Report created" in result.stderr
     page = (project / "report.html").read_text()
-    for name in ("training.png", "decoder.html", "overlays.png", "sizes.png", "scores.png", "metrics.html"):
+    for name in ("training.png", "decoder.html", "overlays.png", "sizes.png", "scores.png", "metrics.html", "objects.png"):
         assert name in page, f"{name} missing from the report"
     for category in ("Training", "Evaluation", "Segmentation"):
         assert category in page

@@ -10,6 +10,7 @@ import yaml
 
 from emmito import cli, contract
 from emmito.io import write_json
+from emmito.labels import write_objects
 from emmito.summary import summarize
 
 METRICS = {
@@ -27,6 +28,11 @@ def finished_volume(root: Path, vol: str) -> contract.Results:
     objects = {str(i): {"voxels": 10 * i, "bbox": [0, 0, 0, 1, 1, 1], "blocks": [0]} for i in (1, 2, 3)}
     write_json(layout.id_map(vol), {"blocks": 1, "objects": objects, "id_map": {}})
     write_json(layout.metrics(vol), METRICS)
+    rows = [dict.fromkeys(contract.OBJECT_COLUMNS, 0) for _ in range(3)]
+    for i, row in enumerate(rows, start=1):
+        row.update(id=i, voxels=10 * i, volume_um3=0.01 * i, length_um=0.5 * i, touches_edge=int(i == 3))
+    write_objects(layout.objects(vol), rows)
+    Path(layout.ome_zarr(vol)).mkdir(parents=True)
     Path(layout.neuroglancer(vol)).mkdir(parents=True)
     Path(layout.report_dir(vol)).mkdir(parents=True)
     Path(layout.logs()).mkdir(parents=True, exist_ok=True)
@@ -60,6 +66,8 @@ def test_a_finished_volume_shows_objects_metrics_and_paths(tmp_path):
         assert line(done, label).split()[-1] == path, label
     assert "missing" not in done
     assert line(done, "look at it").endswith(f"emmito view {layout.neuroglancer('done')}")
+    assert line(done, "objects table").split()[-1] == layout.objects("done")
+    assert line(done, "median object").split()[2:] == ["0.02", "µm³,", "1", "µm", "long", "(1", "of", "3", "cut", "by", "the", "volume's", "edge)"]
 
 
 def test_a_volume_not_run_yet_is_marked_missing(tmp_path):

@@ -1,4 +1,7 @@
-"""emmito view in a real browser: headless Chromium renders the export, and the screenshot shows the objects."""
+"""emmito view in a real browser: headless Chromium renders the export, and the screenshot shows the objects.
+
+The xy panel shows the selected objects on the slice; the 3D panel shows their meshes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 
 from emmito import config, contract
 from emmito.export import export_files
+from test_export import measured
 
 pytest.importorskip("tensorstore")
 pytest.importorskip("neuroglancer")
@@ -29,7 +33,10 @@ COLOURS = {7: (255, 0, 0), 3: (0, 0, 255)}
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    """Three boxes; 7 and 3 are the largest. Object 5 is on the shown slice too but not selected."""
+    """Three boxes; 7 and 3 are the largest. Object 5 is on the shown slice too but not selected.
+
+    ``ng`` has the meshes (as emmito measure writes them), ``ng_plain`` the same export without.
+    """
     folder = tmp_path_factory.mktemp("view")
     image = np.full((12, 60, 80), 128, dtype=np.uint8)
     seg = np.zeros(image.shape, np.uint32)
@@ -38,17 +45,44 @@ def export(tmp_path_factory):
     seg[6, 52:58, 2:8] = 5  # 36 voxels
     contract.fixture(folder / "image.h5", "image", image, voxel_size=VOXEL_SIZE)
     contract.fixture(folder / "seg.h5", "seg", seg, voxel_size=VOXEL_SIZE)
+    objects, meshes = measured(folder, seg, VOXEL_SIZE)
     params = config.with_defaults("export", {"chunk_size": [4, 32, 32], "pyramid_levels": 1, "shard_above_voxels": 0})
-    export_files(folder / "seg.h5", folder / "image.h5", folder / "ng", params)
+    export_files(folder / "seg.h5", folder / "image.h5", folder / "ng", params, objects, meshes)
+    export_files(folder / "seg.h5", folder / "image.h5", folder / "ng_plain", params, objects)
     return folder / "ng", seg
 
 
-def coloured_pixels(png: bytes, colour: tuple[int, int, int]) -> int:
+def coloured_pixels(png: bytes | np.ndarray, colour: tuple[int, int, int]) -> int:
     """Pixels whose hue is ``colour`` blended over grey (the segmentation's 50 % opacity over the image)."""
-    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) if isinstance(png, bytes) else png
     strongest = int(np.argmax(colour))
     others = [c for c in range(3) if c != strongest]
     return int(((rgb[..., strongest] - rgb[..., others].max(axis=-1)) > 40).sum())
+
+
+def not_grey(rgb: np.ndarray) -> int:
+    return int((rgb.max(axis=-1) - rgb.min(axis=-1) > 40).sum())
+
+
+def render(ng_dir, select: int, size: tuple[int, int], **state_changes) -> tuple[bytes, object]:
+    """A screenshot of ``emmito view``'s state (``select`` largest objects), after ``state_changes``; and that state."""
+    viewer, data, _ = view.start_viewer(ng_dir, select=select)
+    driver = None
+    try:
+        with viewer.txn() as state:
+            state.show_axis_lines = False
+            state.show_default_annotations = False  # the volume's yellow bounding box
+            for segment, colour in COLOURS.items():
+                state.layers["segmentation"].segment_colors[segment] = "#%02x%02x%02x" % colour
+            for key, value in state_changes.items():
+                setattr(state, key, value)
+        driver = view.open_headless(viewer.get_viewer_url())
+        png = view.screenshot(viewer, size=size, timeout=120)
+        return png, viewer.state
+    finally:
+        if driver is not None:
+            driver.quit()
+        data.stop()
 
 
 def test_screenshot_shows_the_selected_objects(export, tmp_path):
@@ -59,6 +93,7 @@ def test_screenshot_shows_the_selected_objects(export, tmp_path):
         assert sorted(int(s) for s in viewer.state.layers["segmentation"].segments) == [3, 7]
         assert viewer.state.position[2] == 6.5  # centre slice of object 7
         with viewer.txn() as state:
+            state.layout = "xy"  # the slice alone, so that every pixel of it can be counted
             state.cross_section_scale = 0.5  # 2 x 2 screen pixels per voxel
             state.show_axis_lines = False
             state.show_default_annotations = False  # the volume's yellow bounding box
@@ -84,6 +119,27 @@ def test_screenshot_shows_the_selected_objects(export, tmp_path):
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     not_grey = int((rgb.max(axis=-1) - rgb.min(axis=-1) > 40).sum())
     assert not_grey == pytest.approx(4 * int(np.isin(shown_slice, [3, 7]).sum()), rel=0.03)
+
+
+@pytest.mark.parametrize("meshes", [True, False])
+def test_the_3d_panel_shows_the_meshes_of_the_selected_object(export, tmp_path, meshes):
+    ng_dir, seg = export
+    png, state = render(ng_dir if meshes else ng_dir.with_name("ng_plain"), select=1, size=(800, 400))
+    (tmp_path / "screenshot.png").write_bytes(png)
+    print(f"screenshot: {tmp_path / 'screenshot.png'}")
+    assert state.layout.type == view.LAYOUT == "xy-3d" and state.show_slices is False
+    assert [int(s) for s in state.layers["segmentation"].segments] == [7]
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    slice_panel, panel_3d = rgb[:, :395], rgb[:, 405:]
+    assert coloured_pixels(slice_panel, COLOURS[7]) > 10_000  # object 7 on its centre slice, in both exports
+    if meshes:
+        # Object 7's mesh, in its colour; nothing else there (the slice planes are hidden, no other object selected).
+        red = coloured_pixels(panel_3d, COLOURS[7])
+        assert red > 0.05 * panel_3d.shape[0] * panel_3d.shape[1]
+        assert not_grey(panel_3d) == pytest.approx(red, rel=0.05)
+        assert coloured_pixels(panel_3d, COLOURS[3]) == 0
+    else:
+        assert not_grey(panel_3d) == 0, "coloured pixels in the 3D panel of an export without meshes"
 
 
 def test_view_cli_screenshot(export, tmp_path):

@@ -24,7 +24,7 @@ from emmito.io import EmmitoError
 if TYPE_CHECKING:
     from emmito.config import Validated
 
-SECTIONS = ("seed", "model", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export")
+SECTIONS = ("seed", "convert", "model", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export", "measure")
 
 
 def stage_config(args: argparse.Namespace) -> Validated:
@@ -113,13 +113,15 @@ def _data_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--density", type=float, default=1.0, help="relative number of mitochondria")
 
-    p = verbs.add_parser("convert", help="PNG slices -> image.h5 (uint8) and label.h5 (uint32)")
-    p.add_argument("--images", required=True, help="folder or glob of image PNG slices")
-    p.add_argument("--labels", help="folder or glob of label PNG slices")
+    p = verbs.add_parser("convert", help="images and labels (PNG/TIFF slices, TIFF stack, HDF5, zarr, N5) -> image.h5 (uint8) and label.h5 (uint32)")
+    spec = "a folder or glob of PNG/TIFF slices, a TIFF stack, file.h5:/dataset, store.zarr:/array or x.n5:/dataset"
+    p.add_argument("--images", required=True, help=f"the images: {spec}")
+    p.add_argument("--labels", help=f"the labels, one slice per image slice: {spec}")
     p.add_argument("--label-format", choices=["binary", "instance", "vast"], default="binary")
     p.add_argument("--voxel-size", type=float, nargs=3, default=[40.0, 8.0, 8.0], metavar=("Z", "Y", "X"))
     p.add_argument("--image-out", type=Path, help="image.h5 to write (at least one of --image-out / --label-out)")
     p.add_argument("--label-out", type=Path, help="label.h5 to write (needs --labels; --images is still read to check counts and sizes)")
+    _add_params(p)  # the convert section: how 16-bit and float images map to uint8
 
 
 def _model_verbs(verbs: argparse._SubParsersAction) -> None:
@@ -179,10 +181,28 @@ def _volume_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path, help="metrics.json")
     _add_params(p)
 
-    p = verbs.add_parser("export", help="seg.h5 + image.h5 -> neuroglancer precomputed volumes (multiscale)")
-    p.add_argument("seg", type=Path, help="seg.h5 (full resolution, with its pyramid)")
-    p.add_argument("image", type=Path, help="image.h5")
-    p.add_argument("out_dir", type=Path, help="writes OUT_DIR/image, OUT_DIR/segmentation, OUT_DIR/objects.json")
+    p = verbs.add_parser("export", help="seg.h5 + image.h5 -> neuroglancer precomputed (default), OME-Zarr or a TIFF stack")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                   help="SEG IMAGE OUT_DIR (neuroglancer: OUT_DIR/image, /segmentation, /objects.json); "
+                        "--ome-zarr SEG IMAGE OUT.ome.zarr; --tiff SEG OUT.tif")
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument("--ome-zarr", dest="format", action="store_const", const="ome-zarr", default="precomputed",
+                         help="write an OME-NGFF 0.4 image with the segmentation under labels/ (napari, Fiji)")
+    formats.add_argument("--tiff", dest="format", action="store_const", const="tiff",
+                         help="write the labels as a TIFF stack (uint16 ImageJ hyperstack, or uint32 OME-TIFF)")
+    p.add_argument("--objects", type=Path, help="neuroglancer export: objects.csv (emmito measure), for the segment properties")
+    p.add_argument("--meshes", type=Path, help="neuroglancer export: the meshes folder emmito measure wrote (the 3D panel)")
+    _add_params(p)
+
+
+def _measure_verb(verbs: argparse._SubParsersAction) -> None:
+    """The verb measure: the table of every object, and its meshes."""
+    p = verbs.add_parser("measure", help="seg.h5 -> objects.csv (volume, surface, length, ... per object) and meshes")
+    p.add_argument("seg", type=Path, help="seg.h5 (full resolution)")
+    p.add_argument("objects", type=Path, help="objects.csv to write")
+    p.add_argument("--meshes", type=Path, help="folder to write the neuroglancer meshes to (info, <id>:0, <id>)")
+    p.add_argument("--block-slices", type=int, default=None,
+                   help="slices per segment block (merge.block_slices), for first_block/last_block; default: from --params")
     _add_params(p)
 
 
@@ -213,6 +233,7 @@ def _look_verbs(verbs: argparse._SubParsersAction) -> None:
                    help="overlays of image and segmentation; object size histogram")
     p.add_argument("--overlays", type=int, default=4, help="slices shown in the overlays")
     p.add_argument("--decoder", nargs=2, metavar=("DECODER_JSON", "HTML"), help="the tuned decoder settings as a table")
+    p.add_argument("--objects", nargs=2, metavar=("OBJECTS_CSV", "PNG"), help="distributions of object volume and length")
 
     p = verbs.add_parser("summary", help="one screen on a finished run: objects, metrics, where the outputs are")
     p.add_argument("config", type=Path, help="the workflow config the run used")
@@ -223,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"emmito {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _look_verbs):
+    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _measure_verb, _look_verbs):
         add_verbs(verbs)
     return parser
 

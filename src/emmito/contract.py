@@ -53,6 +53,10 @@ VOLUME_DEPTH = "volume_depth"  # slices in the whole volume (heat, seg blocks, t
 DOWNSAMPLE_XY = "downsample_xy"  # factor between this file's y/x and the image's (also config infer.downsample_xy)
 CHANNELS = "channels"  # heat files: one name per channel (foreground, contour, emb0, ...)
 EMBEDDING_RANGE = "embedding_range"  # heat files of embedding models: the emb channels' scale
+# image.h5: how the source's grey values became uint8, as a JSON object
+# {"rule": "identity" | "percentile" | "shift", "source_dtype": "uint16", "low": 312.0, "high": 3850.0,
+#  "percentiles": [0.1, 99.9], "sample_slices": 16}: one mapping for the whole volume.
+INTENSITY_MAPPING = "intensity_mapping"
 
 # Written by io.create_volume on every file.
 BASE_KEYS = (VOXEL_SIZE, OFFSET, VERSION)
@@ -163,17 +167,18 @@ def level_attrs(voxel_size: list[float], volume_depth: int, scale: int) -> dict[
 # no output reruns nothing.
 
 OUTPUT_VERSIONS: dict[str, int] = {
-    "convert": 1,
+    "convert": 2,
     "train": 1,
     "infer": 1,
     "merge": 1,
     "segment": 1,
     "trace": 1,
-    "upsample": 1,
+    "upsample": 2,
     "evaluate": 1,
-    "export": 1,
+    "export": 2,
     "report": 1,
     "tune": 1,
+    "measure": 1,
 }
 
 # ---- results layout ---------------------------------------------------------------
@@ -252,6 +257,22 @@ class Results:
     def neuroglancer(self, vol: str = "{vol}") -> str:
         return f"{self.volume_dir(vol)}/ng"
 
+    def objects(self, vol: str = "{vol}") -> str:
+        """One row per object of seg.h5 (OBJECT_COLUMNS), written by the measure stage."""
+        return f"{self.volume_dir(vol)}/objects.csv"
+
+    def meshes(self, vol: str = "{vol}") -> str:
+        """Neuroglancer legacy meshes of every object (MESH_* below), written by the measure stage."""
+        return f"{self.volume_dir(vol)}/meshes"
+
+    def ome_zarr(self, vol: str = "{vol}") -> str:
+        """OME-NGFF multiscale image with the segmentation under labels/ (export --ome-zarr)."""
+        return f"{self.volume_dir(vol)}/seg.ome.zarr"
+
+    def seg_tiff(self, vol: str = "{vol}") -> str:
+        """The labels as a TIFF stack for Fiji (export --tiff; config export.tiff)."""
+        return f"{self.volume_dir(vol)}/seg.tif"
+
     def report_dir(self, vol: str = "{vol}") -> str:
         return f"{self.volume_dir(vol)}/report"
 
@@ -267,6 +288,42 @@ class Results:
 
     def benchmark(self, stage: str, name: str) -> str:
         return f"{self.root}/benchmarks/{stage}/{name}.tsv"
+
+
+# ---- objects.csv and meshes ---------------------------------------------------------
+# objects.csv: one row per object id of seg.h5 (ids ascending), comma-separated, header row.
+# Physical units from seg.h5's voxel size (z, y, x nm). Boxes are half-open voxel boxes
+# [z0, z1) ... converted with the voxel's low corner at index * size (so bbox_z1_nm = z1 * vz);
+# the centroid is the mean voxel centre, (mean index + 0.5) * size.
+OBJECT_COLUMNS = (
+    "id",  # the label in seg.h5
+    "voxels",  # voxels at full resolution
+    "volume_um3",
+    "surface_um2",  # area of a marching-cubes surface (scikit-image) of the mask smoothed by 1 voxel (meshing.surface_area)
+    "length_um",  # cable length of its skeleton (kimimaro TEASAR, paths smoothed: meshing.skeleton_length)
+    "max_cross_section_um2",  # largest area in one z slice
+    "centroid_z_nm",
+    "centroid_y_nm",
+    "centroid_x_nm",
+    "bbox_z0_nm",
+    "bbox_y0_nm",
+    "bbox_x0_nm",
+    "bbox_z1_nm",
+    "bbox_y1_nm",
+    "bbox_x1_nm",
+    "first_slice",  # z index of its first and last slice (inclusive)
+    "last_slice",
+    "first_block",  # the segment blocks (merge.block_slices) it spans, inclusive
+    "last_block",
+    "touches_edge",  # 1 when it touches a face of the volume: cut, so its size is a lower bound
+)
+# meshes/: neuroglancer's legacy mesh format, vertices in nm. "info" holds MESH_INFO,
+# "<id>:0" the manifest {"fragments": ["<id>"]}, "<id>" the fragment (zmesh to_precomputed).
+MESH_INFO = {"@type": "neuroglancer_legacy_mesh"}
+
+
+def mesh_manifest_name(label: int) -> str:
+    return f"{int(label)}:0"
 
 
 # ---- checkpoints ------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""``emmito convert``: PNG slices -> ``image.h5`` (uint8) and ``label.h5`` (uint32 instance ids).
+"""``emmito convert``: images and labels in any input format -> ``image.h5`` (uint8) and ``label.h5`` (uint32 ids).
 
-Slices are streamed: one PNG is decoded at a time and written into the HDF5
-dataset a few slices (one HDF5 chunk deep) at a time, so memory stays at a few
-slices whatever the volume's depth. Every check that needs only file names and
-PNG headers (slice count, sizes, formats) runs before anything is written, and
-both outputs appear only when both are complete.
+The inputs are emmito.sources specs: PNG or TIFF slices, a TIFF stack, an HDF5
+dataset, a zarr or N5 array. They are streamed: a slab of slices (whole HDF5
+chunks of the output, whole storage chunks of the input) is read and written at
+a time, so memory stays at a slab whatever the volume's depth. Every check that
+needs only names, headers and metadata (slice count, sizes, formats) runs before
+anything is written, then the intensity mapping is chosen (16-bit and float
+images: one linear map to uint8 for the whole volume, from percentiles of a
+sample of slices; 8-bit images as they are), and both outputs appear only when
+both are complete.
 
 Binary masks become instances by 3D connected components with
 ``LABEL_CONNECTIVITY`` = 6 (shared faces only): with z 5x coarser than x/y, two
@@ -18,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +35,16 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from emmito.io import EmmitoError, create_volume, list_slices, png_header, read_png_slice, slice_number
+from emmito import contract, sources
+from emmito.config import section_defaults
+from emmito.io import EmmitoError, create_volume
+from emmito.sources import IntensityMapping, Source, choose_mapping, open_source
 
 LABEL_CONNECTIVITY = 6
 # Voxels per connected-components slab: 32 Mvoxels is ~0.3 GB of uint32 in and out,
 # e.g. 2 slices of 4096^2; a thin slab costs only more face joins.
 SLAB_VOXELS = 2**25
-LABEL_FORMATS = {"binary": "label_binary", "instance": "label_instance", "vast": "label_vast"}
+LABEL_FORMATS = ("binary", "instance", "vast")
 
 # In-slice neighbours across a z face, per 3D connectivity: (dy, dx) offsets.
 _FACE_OFFSETS = {
@@ -45,31 +52,6 @@ _FACE_OFFSETS = {
     18: [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)],
     26: [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
 }
-
-
-def _describe(path: Path) -> str:
-    number = slice_number(path)
-    return f"slice {number} ({path})" if number is not None else str(path)
-
-
-def check_slice_sizes(paths: Sequence[Path], what: str) -> tuple[int, int]:
-    """The common (height, width) of PNG slices, from their headers only.
-
-    Raises EmmitoError naming the first slice whose size differs from the
-    most common one, e.g. ``slice 0417 (path) is 4096x4090 (width x height),
-    the others are 4096x4096: crop or pad it``.
-    """
-    # The context closes the bar before an error message is printed, so the two never share a line.
-    with tqdm(paths, desc=f"convert: checking {what} headers", unit="slice", file=sys.stderr, leave=False) as bar:
-        sizes = [png_header(path)[:2] for path in bar]
-    common = Counter(sizes).most_common(1)[0][0]
-    for path, size in zip(paths, sizes):
-        if size != common:
-            raise EmmitoError(
-                f"{what} {_describe(path)} is {size[1]}x{size[0]} (width x height), the others are "
-                f"{common[1]}x{common[0]}: crop or pad it"
-            )
-    return common
 
 
 def _face_pairs(upper: np.ndarray, lower: np.ndarray, connectivity: int) -> np.ndarray:
@@ -161,42 +143,61 @@ def _slab_slices(height: int, width: int, chunk_depth: int) -> int:
     return slices // chunk_depth * chunk_depth if slices >= chunk_depth else slices
 
 
-def _stream_slices(dataset: h5py.Dataset, paths: Sequence[Path], kind: str, shape: tuple[int, int], what: str) -> None:
-    """Decode ``paths`` one by one into ``dataset``, one HDF5 chunk depth of slices at a time.
+Spec = str | os.PathLike | Sequence[Path] | Source
 
-    Writing whole chunks means each compressed chunk is written once, not once per slice.
-    """
+
+def _open(spec: Spec, kind: str) -> Source:
+    return spec if isinstance(spec, Source) else open_source(spec, kind)
+
+
+def _stream(dataset: h5py.Dataset, source: Source, what: str, transform: Any = None) -> None:
+    """Copy ``source`` into ``dataset`` slab by slab (whole output chunks, so each is compressed once)."""
     chunk_depth = dataset.chunks[0] if dataset.chunks else 1
-    buffer = np.zeros((chunk_depth, *shape), dtype=dataset.dtype)
-    filled = 0
-    with tqdm(paths, desc=f"convert: {what}", unit="slice", file=sys.stderr) as bar:
-        for z, path in enumerate(bar):
-            pixels = read_png_slice(path, kind)
-            if pixels.shape != shape:  # the header said otherwise: the file changed under us
-                raise EmmitoError(
-                    f"{what} {_describe(path)} decodes to {pixels.shape[1]}x{pixels.shape[0]}, "
-                    f"not {shape[1]}x{shape[0]}: re-export it"
-                )
-            buffer[filled] = pixels
-            filled += 1
-            if filled == chunk_depth or z == len(paths) - 1:
-                dataset[z + 1 - filled : z + 1] = buffer[:filled]
-                filled = 0
+    depth, height, width = source.shape
+    step = sources.slab_slices(source.chunk_slices, height, width, np.dtype(source.dtype).itemsize, chunk_depth)
+    with tqdm(total=depth, desc=f"convert: {what}", unit="slice", file=sys.stderr) as bar:
+        for z0 in range(0, depth, step):
+            z1 = min(depth, z0 + step)
+            slab = source.read(z0, z1)
+            dataset[z0:z1] = transform(slab) if transform is not None else slab
+            bar.update(z1 - z0)
+
+
+def _check_together(images: Source, labels: Source | None) -> None:
+    """Labels match the images slice for slice and pixel for pixel."""
+    if labels is None:
+        return
+    depth, height, width = images.shape
+    if labels.shape[0] != depth:
+        raise EmmitoError(
+            f"{labels.shape[0]} label slices ({labels.name}) but {depth} image slices "
+            f"({images.name}): give one label slice per image slice"
+        )
+    if labels.shape[1:] != (height, width):
+        raise EmmitoError(
+            f"label slices ({labels.name}) are {labels.shape[2]}x{labels.shape[1]} but image slices "
+            f"({images.name}) are {width}x{height}: labels must match the images pixel for pixel"
+        )
 
 
 def convert_stack(
-    image_paths: Sequence[Path],
+    image_paths: Spec,
     *,
     voxel_size: Sequence[float],
     image_out: Path | None = None,
-    label_paths: Sequence[Path] | None = None,
+    label_paths: Spec | None = None,
     label_format: str = "binary",
     label_out: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``image_out`` (uint8) and/or ``label_out`` (uint32 ids) from ordered PNG slices.
+    """Write ``image_out`` (uint8) and/or ``label_out`` (uint32 ids) from image and label specs.
 
-    Checks sizes and counts from PNG headers first; both files appear only if
-    both are written in full. Returns a summary (depth, height, width, objects).
+    ``image_paths`` / ``label_paths``: an emmito.sources spec (a folder or glob of
+    slices, a TIFF stack, ``file.h5:/dataset``, ``store.zarr:/array``, ``x.n5:/dataset``),
+    a list of slice files in z order, or an open Source. ``settings``: the config's
+    ``convert`` section (defaults where None). Checks sizes and counts from
+    headers and metadata first; both files appear only if both are written in
+    full. Returns a summary (depth, height, width, objects, intensity_mapping).
     """
     if label_format not in LABEL_FORMATS:
         raise EmmitoError(f"label format {label_format!r} is unknown: use one of {', '.join(LABEL_FORMATS)}")
@@ -204,61 +205,81 @@ def convert_stack(
         raise EmmitoError("convert: --labels and --label-out go together: give both or neither")
     if image_out is None and label_out is None:
         raise EmmitoError("convert: nothing to write: give --image-out and/or --labels with --label-out")
-    height, width = check_slice_sizes(image_paths, "image")
-    depth = len(image_paths)
-    if label_paths is not None:
-        if len(label_paths) != depth:
-            raise EmmitoError(
-                f"{len(label_paths)} label slices ({label_paths[0].parent}) but {depth} image slices "
-                f"({image_paths[0].parent}): give one label slice per image slice"
-            )
-        label_size = check_slice_sizes(label_paths, "label")
-        if label_size != (height, width):
-            raise EmmitoError(
-                f"label slices ({label_paths[0].parent}) are {label_size[1]}x{label_size[0]} but image slices "
-                f"({image_paths[0].parent}) are {width}x{height}: labels must match the images pixel for pixel"
-            )
+    settings = settings if settings is not None else section_defaults("convert")
+    with contextlib.ExitStack() as opened:
+        images = opened.enter_context(_open(image_paths, "image"))
+        images.check(progress=True)
+        labels = None
+        if label_paths is not None:
+            labels = opened.enter_context(_open(label_paths, label_format))
+            labels.check(progress=True)
+        _check_together(images, labels)
+        mapping = choose_mapping(images, settings) if image_out is not None else None
+        return _write(images, labels, label_format, mapping, [float(v) for v in voxel_size], image_out, label_out)
+
+
+def _write(
+    images: Source,
+    labels: Source | None,
+    label_format: str,
+    mapping: IntensityMapping | None,
+    voxel_size: list[float],
+    image_out: Path | None,
+    label_out: Path | None,
+) -> dict[str, Any]:
+    depth, height, width = images.shape
     summary: dict[str, Any] = {"depth": depth, "height": height, "width": width}
-    voxel_size = [float(v) for v in voxel_size]
-    with _maybe_volume(image_out, (depth, height, width), np.uint8, voxel_size) as images:
-        if images is not None:
-            _stream_slices(images, image_paths, "image", (height, width), "image")
-        with _maybe_volume(label_out, (depth, height, width), np.uint32, voxel_size) as labels:
-            if labels is not None and label_paths is not None:
-                kind = LABEL_FORMATS[label_format]
-                _stream_slices(labels, label_paths, kind, (height, width), "label")
+    image_attrs = {contract.INTENSITY_MAPPING: mapping.to_json()} if mapping is not None else None
+    if mapping is not None:
+        summary["intensity_mapping"] = mapping
+    with _maybe_volume(image_out, images.shape, np.uint8, voxel_size, image_attrs) as image_ds:
+        if image_ds is not None and mapping is not None:
+            _stream(image_ds, images, "image", mapping.apply)
+        with _maybe_volume(label_out, images.shape, np.uint32, voxel_size) as label_ds:
+            if label_ds is not None and labels is not None:
+                _stream(label_ds, labels, "label")
                 if label_format == "binary":
-                    chunk_depth = labels.chunks[0] if labels.chunks else 1
+                    chunk_depth = label_ds.chunks[0] if label_ds.chunks else 1
                     summary["objects"] = label_components(
-                        labels, _slab_slices(height, width, chunk_depth), LABEL_CONNECTIVITY, progress=True
+                        label_ds, _slab_slices(height, width, chunk_depth), LABEL_CONNECTIVITY, progress=True
                     )
     return summary
 
 
-def _maybe_volume(path: Path | None, shape: tuple[int, int, int], dtype: Any, voxel_size: list[float]):
+def _maybe_volume(
+    path: Path | None, shape: tuple[int, int, int], dtype: Any, voxel_size: list[float], attrs: dict[str, Any] | None = None
+):
     """``create_volume`` when ``path`` is set, else a context that yields None."""
     if path is None:
         return contextlib.nullcontext()
-    return create_volume(path, shape, dtype, voxel_size=voxel_size, offset=0)
+    return create_volume(path, shape, dtype, voxel_size=voxel_size, offset=0, attrs=attrs)
+
+
+def _mapping_text(mapping: IntensityMapping | None) -> str:
+    if mapping is None:
+        return ""
+    if mapping.low is None:
+        return f", intensity {mapping.rule} ({mapping.source_dtype})"
+    return f", intensity {mapping.rule} ({mapping.source_dtype} [{mapping.low:g}, {mapping.high:g}] -> 0..255)"
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito convert --images ... [--labels ... --label-format F] --voxel-size Z Y X --image-out ... [--label-out ...]``."""
+    """``emmito convert --images SPEC [--labels SPEC --label-format F] --voxel-size Z Y X --image-out ... [--label-out ...] [--params JSON]``."""
     image_out = getattr(args, "image_out", None)
     label_out = getattr(args, "label_out", None)
-    image_paths = list_slices(args.images)
-    label_paths = list_slices(args.labels) if args.labels else None
     summary = convert_stack(
-        image_paths,
+        args.images,
         voxel_size=args.voxel_size,
         image_out=Path(image_out) if image_out else None,
-        label_paths=label_paths,
+        label_paths=args.labels or None,
         label_format=args.label_format,
         label_out=Path(label_out) if label_out else None,
+        settings=params.get("convert"),
     )
     objects = f", {summary['objects']} objects" if "objects" in summary else ""
     print(
         f"convert: {summary['depth']} slices of {summary['width']}x{summary['height']}{objects}"
+        f"{_mapping_text(summary.get('intensity_mapping'))}"
         f" -> {', '.join(str(p) for p in (image_out, label_out) if p)}",
         file=sys.stderr,
     )

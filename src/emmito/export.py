@@ -14,38 +14,41 @@ time, a region being one shard (or, unsharded, a few chunks), so memory is
 bounded by the region, never the volume. Everything is written into a
 temporary folder beside ``OUT_DIR`` and moved into place when complete.
 
-The segmentation also gets neuroglancer segment properties (voxel count and
-volume per object) and ``OUT_DIR/objects.json``: per object its voxel count and
-bounding box (z, y, x at full resolution), which ``emmito view`` uses to pick
-and centre on the largest objects.
+The segmentation also gets neuroglancer segment properties and
+``OUT_DIR/objects.json`` (per object its bounding box in voxels, z, y, x at full
+resolution, and its voxels, volume, surface and length), both from the measure
+stage's objects.csv: ``emmito view`` uses objects.json to pick and centre on
+the largest objects. The meshes measure wrote are copied in as the
+segmentation's ``mesh/`` (neuroglancer's legacy mesh format), so the viewer's 3D
+panel shows every object.
+
+The same verb writes the formats of ``emmito.outputs`` (``--ome-zarr``, ``--tiff``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cc3d
-import fastremap
 import numpy as np
 from tqdm import tqdm
 
 from emmito import contract
-from emmito.io import EmmitoError, open_volume, volume_attrs, write_json
+from emmito.io import EmmitoError, atomic_directory, open_volume, read_json, volume_attrs, write_json
+from emmito.outputs import NGFF_VERSION, check_pair, write_ome_zarr, write_tiff
 from emmito.resampling import downsample_mode, mean_downsample
 
 IMAGE_LAYER = "image"
 SEGMENTATION_LAYER = "segmentation"
 OBJECTS_FILE = "objects.json"
 SEGMENT_PROPERTIES = "segment_properties"
+MESH_DIR = "mesh"  # the segmentation's meshes (its info's "mesh")
 # Chunks that neighbour in the chunk grid share a minishard, so one minishard
 # index read serves a neighbourhood of chunks.
 MINISHARD_CHUNKS = 8
@@ -88,73 +91,92 @@ def scale_shapes(shape: tuple[int, int, int], chunk_size: tuple[int, int, int], 
     return shapes
 
 
-def segment_properties(voxels: dict[int, int], voxel_size: list[float]) -> dict[str, Any]:
-    """Neuroglancer segment properties: per id its voxel count and volume in µm³ (ids ascending)."""
-    ids = sorted(voxels)
-    voxel_um3 = float(np.prod(voxel_size)) / 1e9
+# objects.csv columns shown as neuroglancer number properties: (column, data type, description).
+NUMBER_PROPERTIES = (
+    ("voxels", "uint32", "voxels at full resolution"),
+    ("volume_um3", "float32", "volume in cubic micrometres"),
+    ("surface_um2", "float32", "surface area of the mesh in square micrometres"),
+    ("length_um", "float32", "skeleton length in micrometres"),
+    ("max_cross_section_um2", "float32", "largest area in one slice in square micrometres"),
+    ("touches_edge", "uint8", "1: touches the volume's edge, so it is cut and its size a lower bound"),
+)
+# objects.json keeps, per object, its voxel box and these objects.csv figures.
+RECORD_COLUMNS = ("voxels", "volume_um3", "surface_um2", "length_um", "touches_edge")
+_UINT_MAX = {"uint8": 2**8 - 1, "uint32": 2**32 - 1}
+
+
+def _object_label(row: dict[str, Any]) -> str:
+    """The line neuroglancer shows beside an id: volume, length, and whether it is cut."""
+    cut = " (cut by the volume's edge)" if int(row["touches_edge"]) else ""
+    return f"{float(row['volume_um3']):.3g} µm³, {float(row['length_um']):.3g} µm long{cut}"
+
+
+def segment_properties(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """Neuroglancer segment properties from objects.csv's rows (``labels.read_objects``), ids ascending."""
+    rows = sorted(objects, key=lambda row: int(row["id"]))
+    properties: list[dict[str, Any]] = [{"id": "label", "type": "label", "values": [_object_label(row) for row in rows]}]
+    for column, data_type, description in NUMBER_PROPERTIES:
+        if data_type in _UINT_MAX:
+            values: list[Any] = [min(int(row[column]), _UINT_MAX[data_type]) for row in rows]
+        else:
+            values = [float(row[column]) for row in rows]
+        properties.append({"id": column, "type": "number", "data_type": data_type, "description": description, "values": values})
     return {
         "@type": "neuroglancer_segment_properties",
-        "inline": {
-            "ids": [str(i) for i in ids],
-            "properties": [
-                {"id": "label", "type": "label", "values": [f"{voxels[i]} voxels" for i in ids]},
-                {
-                    "id": "voxels",
-                    "type": "number",
-                    "data_type": "uint32",
-                    "description": "voxels at full resolution",
-                    "values": [min(voxels[i], 2**32 - 1) for i in ids],
-                },
-                {
-                    "id": "volume_um3",
-                    "type": "number",
-                    "data_type": "float32",
-                    "description": "volume in cubic micrometres",
-                    "values": [round(voxels[i] * voxel_um3, 6) for i in ids],
-                },
-            ],
-        },
+        "inline": {"ids": [str(int(row["id"])) for row in rows], "properties": properties},
     }
 
 
-class ObjectStatistics:
-    """Voxel count and bounding box (z, y, x at scale 0) per label, accumulated region by region."""
+def voxel_box(row: dict[str, Any], voxel_size: list[float]) -> list[int]:
+    """[z0, y0, x0, z1, y1, x1] (half-open, voxels) of an objects.csv row, whose boxes are in nm (low corners)."""
+    low = [round(float(row[f"bbox_{axis}0_nm"]) / size) for axis, size in zip("zyx", voxel_size)]
+    high = [round(float(row[f"bbox_{axis}1_nm"]) / size) for axis, size in zip("zyx", voxel_size)]
+    return low + high
 
-    def __init__(self) -> None:
-        self.voxels: dict[int, int] = {}
-        self.low: dict[int, list[int]] = {}
-        self.high: dict[int, list[int]] = {}
 
-    def add(self, labels: np.ndarray, origin: tuple[int, int, int]) -> None:
-        """Count uint (z, y, x) ``labels`` whose first voxel sits at ``origin`` (z, y, x) in the volume."""
-        if not labels.any():
-            return
-        # statistics() sizes its tables by the largest label, so number the region's labels 1..n first.
-        local, remap = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True)
-        stats = cc3d.statistics(local, no_slice_conversion=True)
-        boxes = stats["bounding_boxes"].astype(np.int64)
-        for global_id, local_id in remap.items():
-            if global_id == 0:
-                continue
-            count = int(stats["voxel_counts"][local_id])
-            if count == 0:
-                continue
-            box = boxes[local_id]
-            low = [origin[a] + int(box[2 * a]) for a in range(3)]
-            high = [origin[a] + int(box[2 * a + 1]) + 1 for a in range(3)]
-            global_id = int(global_id)
-            if global_id in self.voxels:
-                self.voxels[global_id] += count
-                self.low[global_id] = [min(a, b) for a, b in zip(self.low[global_id], low)]
-                self.high[global_id] = [max(a, b) for a, b in zip(self.high[global_id], high)]
-            else:
-                self.voxels[global_id], self.low[global_id], self.high[global_id] = count, low, high
+def objects_record(objects: list[dict[str, Any]], voxel_size: list[float]) -> dict[str, dict[str, Any]]:
+    """objects.json's "objects": {id: {"bbox": voxel box, and RECORD_COLUMNS}} with ids as strings, ascending."""
+    record = {}
+    for row in sorted(objects, key=lambda row: int(row["id"])):
+        entry: dict[str, Any] = {"bbox": voxel_box(row, voxel_size)}
+        for column in RECORD_COLUMNS:
+            entry[column] = int(row[column]) if column in ("voxels", "touches_edge") else float(row[column])
+        record[str(int(row["id"]))] = entry
+    return record
 
-    def record(self) -> dict[str, dict[str, Any]]:
-        """{id: {"voxels", "bbox": [z0, y0, x0, z1, y1, x1] (half-open)}} with ids as strings, ascending."""
-        return {
-            str(i): {"voxels": self.voxels[i], "bbox": self.low[i] + self.high[i]} for i in sorted(self.voxels)
-        }
+
+def read_measurements(objects_path: Path, shape: tuple[int, int, int], voxel_size: list[float]) -> list[dict[str, Any]]:
+    """objects.csv's rows, after checking that every box lies inside the volume (else it is of another volume)."""
+    from emmito.labels import read_objects
+
+    objects = read_objects(objects_path)
+    for row in objects:
+        box = voxel_box(row, voxel_size)
+        if int(row["id"]) <= 0 or min(box) < 0 or any(high > size for high, size in zip(box[3:], shape)):
+            raise EmmitoError(
+                f"{objects_path}: object {row['id']} has box {box} (voxels), outside the volume {list(shape)}: "
+                "it is of another volume or stale; rerun emmito measure on this seg.h5"
+            )
+    return objects
+
+
+def copy_meshes(meshes_dir: Path, layer_dir: Path, ids: list[int]) -> None:
+    """Copy the measure stage's meshes (neuroglancer legacy format) into ``layer_dir``/mesh, after checking them."""
+    info = meshes_dir / "info"
+    try:
+        kind = read_json(info).get("@type") if info.exists() else None
+    except EmmitoError:
+        kind = None
+    if kind != contract.MESH_INFO["@type"]:
+        raise EmmitoError(f"{meshes_dir}: not a meshes folder (no info of type {contract.MESH_INFO['@type']}): rerun emmito measure, or fix --meshes")
+    present = set(os.listdir(meshes_dir))
+    missing = [i for i in ids if contract.mesh_manifest_name(i) not in present]
+    if missing:
+        raise EmmitoError(
+            f"{meshes_dir}: no mesh for {len(missing)} of the {len(ids)} objects of objects.csv (first: {missing[0]}): "
+            "meshes and objects.csv are from different measure runs; rerun emmito measure"
+        )
+    shutil.copytree(meshes_dir, layer_dir / MESH_DIR)
 
 
 def _open_scales(
@@ -266,7 +288,6 @@ def _write_layer(
     shard_chunks: int,
     name: str,
     progress: bool,
-    statistics: ObjectStatistics | None = None,
 ) -> None:
     """Fill every scale region by region.
 
@@ -282,101 +303,116 @@ def _write_layer(
             if data is None:
                 data = _downsampled_region(stores[level - 1], shapes[level - 1], region, downsample, z_step)
             _write_store(store, region, data)
-            if statistics is not None and level == 0:
-                statistics.add(data, (region[0].start, region[1].start, region[2].start))
 
 
-@contextlib.contextmanager
-def _atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; swap it into place only on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    # Folders left by killed exports of this output (Snakemake's lock means no other
-    # writer is alive) would otherwise pile up, each as large as the export.
-    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        # os.replace cannot replace a non-empty folder: move the old one aside first.
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def export_files(seg_path: Path, image_path: Path, out_dir: Path, params: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    """Write ``out_dir``/image and ``out_dir``/segmentation (precomputed) and ``out_dir``/objects.json.
-
-    ``seg_path``: seg.h5 (uint32 (z, y, x), optional pyramid s1..sN);
-    ``image_path``: image.h5 (uint8, same shape). ``params``: the ``export``
-    config section. Returns the objects.json record.
-    """
+def _check_tensorstore() -> None:
     try:
         import tensorstore  # noqa: F401
     except ImportError:
         raise EmmitoError(
             "emmito export needs tensorstore: pip install 'emmito[view]' (or pip install tensorstore)"
         ) from None
+
+
+def _write_layers(tmp: Path, seg: Any, image: Any, shapes: list[tuple[int, int, int]], voxel_size: list[float], params: dict[str, Any], progress: bool) -> None:
+    """The image and segmentation layers (every scale) into ``tmp``."""
+    seg_file = seg.file
+
+    def seg_source(level: int, region: tuple[slice, slice, slice]) -> np.ndarray | None:
+        name = contract.level_name(level)
+        if name not in seg_file or tuple(seg_file[name].shape) != shapes[level]:
+            return None
+        return seg_file[name][region].astype(np.uint32, copy=False)
+
+    def image_source(level: int, region: tuple[slice, slice, slice]) -> np.ndarray | None:
+        return image[region] if level == 0 else None
+
+    image_stores = _open_scales(tmp / IMAGE_LAYER, "image", "uint8", shapes, voxel_size, params)
+    _write_layer(image_stores, shapes, image_source, mean_downsample, params["shard_chunks"], IMAGE_LAYER, progress)
+    del image_stores
+    seg_stores = _open_scales(tmp / SEGMENTATION_LAYER, "segmentation", "uint32", shapes, voxel_size, params)
+    _write_layer(seg_stores, shapes, seg_source, downsample_mode, params["shard_chunks"], SEGMENTATION_LAYER, progress)
+
+
+def export_files(
+    seg_path: Path,
+    image_path: Path,
+    out_dir: Path,
+    params: dict[str, Any],
+    objects_path: Path,
+    meshes_dir: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write ``out_dir``/image and ``out_dir``/segmentation (precomputed) and ``out_dir``/objects.json.
+
+    ``seg_path``: seg.h5 (uint32 (z, y, x), optional pyramid s1..sN);
+    ``image_path``: image.h5 (uint8, same shape); ``objects_path``: its
+    objects.csv (emmito measure), the figures of the segment properties and
+    objects.json; ``meshes_dir``: the meshes measure wrote, copied into the
+    segmentation as ``mesh/``. ``params``: the ``export`` config section.
+    Returns the objects.json record.
+    """
+    _check_tensorstore()
     with open_volume(image_path) as image, open_volume(seg_path) as seg:
-        if image.dtype != np.uint8:
-            raise EmmitoError(f"{image_path}: image is {image.dtype}, not uint8: rerun emmito convert on it")
-        if tuple(seg.shape) != tuple(image.shape):
-            raise EmmitoError(
-                f"{seg_path} is {tuple(seg.shape)} but {image_path} is {tuple(image.shape)}: export the final, "
-                "full-resolution seg.h5 (from emmito upsample) of the same volume"
-            )
-        if seg.dtype.kind not in "ui":
-            raise EmmitoError(f"{seg_path}: labels are {seg.dtype}, not integers: export seg.h5 from emmito upsample")
+        check_pair(seg_path, seg, image_path, image)
         voxel_size = contract.voxel_size(volume_attrs(seg))
         shape = tuple(int(s) for s in image.shape)
+        objects = read_measurements(objects_path, shape, voxel_size)
         shapes = scale_shapes(shape, tuple(params["chunk_size"]), params["pyramid_levels"])
-        seg_file = seg.file
-
-        def seg_source(level: int, region: tuple[slice, slice, slice]) -> np.ndarray | None:
-            name = contract.level_name(level)
-            if name not in seg_file or tuple(seg_file[name].shape) != shapes[level]:
-                return None
-            return seg_file[name][region].astype(np.uint32, copy=False)
-
-        def image_source(level: int, region: tuple[slice, slice, slice]) -> np.ndarray | None:
-            return image[region] if level == 0 else None
-
-        statistics = ObjectStatistics()
-        with _atomic_directory(out_dir) as tmp:
-            image_stores = _open_scales(tmp / IMAGE_LAYER, "image", "uint8", shapes, voxel_size, params)
-            _write_layer(image_stores, shapes, image_source, mean_downsample, params["shard_chunks"], IMAGE_LAYER, progress)
-            seg_stores = _open_scales(tmp / SEGMENTATION_LAYER, "segmentation", "uint32", shapes, voxel_size, params)
-            _write_layer(
-                seg_stores, shapes, seg_source, downsample_mode, params["shard_chunks"], SEGMENTATION_LAYER, progress,
-                statistics=statistics,
-            )
-            del image_stores, seg_stores
-            info_path = tmp / SEGMENTATION_LAYER / "info"
-            info = json.loads(info_path.read_text())
+        with atomic_directory(out_dir) as tmp:
+            _write_layers(tmp, seg, image, shapes, voxel_size, params, progress)
+            layer = tmp / SEGMENTATION_LAYER
+            info = read_json(layer / "info")
             info["segment_properties"] = SEGMENT_PROPERTIES
-            write_json(info_path, info)
-            write_json(tmp / SEGMENTATION_LAYER / SEGMENT_PROPERTIES / "info", segment_properties(statistics.voxels, voxel_size))
+            if meshes_dir is not None:
+                copy_meshes(Path(meshes_dir), layer, [int(row["id"]) for row in objects])
+                info["mesh"] = MESH_DIR
+            write_json(layer / "info", info)
+            write_json(layer / SEGMENT_PROPERTIES / "info", segment_properties(objects))
             record = {
                 "shape": list(shape),
                 contract.VOXEL_SIZE: voxel_size,
                 "scales": [list(s) for s in shapes],
                 "layers": {"image": IMAGE_LAYER, "segmentation": SEGMENTATION_LAYER},
-                "objects": statistics.record(),
+                "meshes": meshes_dir is not None,
+                "objects": objects_record(objects, voxel_size),
             }
             write_json(tmp / OBJECTS_FILE, record)
     return record
 
 
+# emmito export's formats: the paths each takes.
+FORMAT_PATHS = {"precomputed": ("SEG", "IMAGE", "OUT_DIR"), "ome-zarr": ("SEG", "IMAGE", "OUT.ome.zarr"), "tiff": ("SEG", "OUT.tif")}
+FORMAT_FLAGS = {"precomputed": "", "ome-zarr": " --ome-zarr", "tiff": " --tiff"}
+
+
+def export_paths(args: argparse.Namespace) -> list[Path]:
+    """The positional paths of ``emmito export``, checked against the format (one-line errors)."""
+    names = FORMAT_PATHS[args.format]
+    usage = f"emmito export{FORMAT_FLAGS[args.format]} {' '.join(names)}"
+    if len(args.paths) != len(names):
+        raise EmmitoError(f"{usage} takes {len(names)} paths, got {len(args.paths)}: {' '.join(map(str, args.paths))}")
+    if args.format == "precomputed" and args.objects is None:
+        raise EmmitoError(f"{usage} needs --objects objects.csv (from emmito measure, which also writes the --meshes folder)")
+    if args.format != "precomputed" and (args.objects or args.meshes):
+        raise EmmitoError(f"{usage}: --objects and --meshes belong to the neuroglancer export (without{FORMAT_FLAGS[args.format]})")
+    return [Path(p) for p in args.paths]
+
+
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito export SEG IMAGE OUT_DIR``."""
-    record = export_files(args.seg, args.image, args.out_dir, params["export"], progress=True)
-    print(
-        f"emmito export: {len(record['objects'])} objects, {len(record['scales'])} scales -> {args.out_dir} "
-        f"(view it with: emmito view {args.out_dir})",
-        file=sys.stderr,
-    )
+    """``emmito export SEG IMAGE OUT_DIR --objects CSV [--meshes DIR]``, ``--ome-zarr SEG IMAGE OUT``, ``--tiff SEG OUT``."""
+    paths = export_paths(args)
+    if args.format == "ome-zarr":
+        done = write_ome_zarr(*paths, progress=True)
+        print(f"emmito export: image and labels, {done['levels']} levels -> {paths[-1]} (OME-NGFF {NGFF_VERSION})", file=sys.stderr)
+    elif args.format == "tiff":
+        done = write_tiff(*paths, progress=True)
+        print(f"emmito export: {done['dtype']} labels {done['shape']} (largest id {done['max_id']}) -> {paths[-1]}", file=sys.stderr)
+    else:
+        record = export_files(*paths, params["export"], args.objects, args.meshes, progress=True)
+        meshes = " with meshes" if record["meshes"] else ""
+        print(
+            f"emmito export: {len(record['objects'])} objects{meshes}, {len(record['scales'])} scales -> {paths[-1]} "
+            f"(view it with: emmito view {paths[-1]})",
+            file=sys.stderr,
+        )

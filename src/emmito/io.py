@@ -1,4 +1,4 @@
-"""HDF5 volumes, atomic writes, clear errors, and the PNG slices that come in.
+"""HDF5 volumes, atomic writes, clear errors, and the PNG/TIFF slice listing and PNG decoding.
 
 Every volume emmito writes is an HDF5 file with one dataset (``contract.DATASET``),
 chunked and compressed with Blosc-LZ4 (through ``hdf5plugin``; readers need
@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -47,6 +48,15 @@ def compression() -> dict[str, Any]:
     filter is deterministic, so the same data gives the same bytes.
     """
     return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+
+
+def plain_compression() -> dict[str, Any]:
+    """h5py dataset keywords for files that any HDF5 reader opens without a filter plugin (gzip).
+
+    For the final products (seg.h5) that labs open in Fiji, MATLAB or ilastik.
+    The upsample stage picks the level (benchmarks/seg_compression.py measures it).
+    """
+    return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 
 
 def default_chunks(shape: tuple[int, ...], z: int = 8, yx: int = 256) -> tuple[int, ...]:
@@ -134,6 +144,32 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         failure = _write_failure(final, exc) if isinstance(exc, OSError) else None
         if failure is not None:
             raise failure from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; swap it into place only on success.
+
+    Folders left by killed writers of the same output (Snakemake's lock means
+    no other writer is alive) are removed first, each being as large as the output.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        # os.replace cannot replace a non-empty folder: move the old one aside first.
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -258,80 +294,109 @@ def read_json(path: str | os.PathLike) -> Any:
         raise EmmitoError(f"{path}: not valid JSON ({exc}): delete it and rerun the stage that makes it") from None
 
 
-# ---- PNG slices in ------------------------------------------------------------------
-# Users hand emmito a folder (or glob) of PNG slices. Listing them must stay cheap
+# ---- PNG and TIFF slices in ----------------------------------------------------------
+# Users hand emmito a folder (or glob) of PNG or TIFF slices. Listing them must stay cheap
 # (no decoding): the workflow lists every volume at parse time, on every cluster job.
+# emmito.sources reads them (and the other input formats: TIFF stacks, HDF5, zarr, N5).
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_KINDS = ("image", "label_binary", "label_instance", "label_vast")
+PNG_KINDS = ("image", "image_raw", "label_binary", "label_instance", "label_vast")
+SLICE_SUFFIXES = (".png", ".tif", ".tiff")
 _COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
 def slice_number(path: str | os.PathLike) -> str | None:
     """The last run of digits in a file's stem as written (``images.081.png`` -> ``"081"``), or None."""
-    match = _LAST_NUMBER.search(Path(path).stem)
+    match = _LAST_NUMBER.search(os.path.splitext(os.path.basename(os.fspath(path)))[0])
     return match.group(1) if match else None
 
 
-def list_slices(pattern: str | os.PathLike) -> list[Path]:
-    """The PNG slices named by ``pattern``, ordered by the number in their names.
+def _is_slice_file(name: str) -> bool:
+    return name.lower().endswith(SLICE_SUFFIXES) and not name.startswith(".")
 
-    ``pattern`` is a folder (every ``*.png`` in it, hidden files skipped) or a glob
-    such as ``data/em/images.*.png``. The number is the last run of digits in the
-    file's stem (``slice_0007.png``, ``images.081.png``, ``mitos_3D.010.png``), so
-    ``s2.png`` comes before ``s10.png``. The numbers must run without gaps or
-    repeats, because slice order is z order. Only names are read, never pixels.
 
-    Raises EmmitoError when nothing matches, a name has no number, two names
-    share a number, or a number is missing in the run.
-    """
-    text = str(pattern)
-    folder = Path(text).expanduser()
-    if folder.is_dir():
+def _slice_candidates(text: str) -> tuple[list[tuple[str, str]], str]:
+    """(name, path) of the PNG/TIFF files a folder or glob names (unordered), and how to name the pattern in messages."""
+    folder = os.path.expanduser(text)
+    if os.path.isdir(folder):
+        prefix = os.path.join(os.path.normpath(folder), "")  # "em/./x/" -> "em/x/", as Path(folder) / name spells it
         with os.scandir(folder) as entries:
-            paths = [
-                folder / e.name for e in entries if e.name.lower().endswith(".png") and not e.name.startswith(".")
-            ]
+            found = [(e.name, prefix + e.name) for e in entries if _is_slice_file(e.name)]
         where = f"folder {text}"
-        if not paths:
-            raise EmmitoError(f"{where}: no .png files in it: point to the folder that holds the PNG slices")
+        if not found:
+            raise EmmitoError(f"{where}: no .png or .tif files in it: point to the folder that holds the PNG or TIFF slices")
     else:
-        paths = [
-            Path(p)
-            for p in glob.glob(os.path.expanduser(text))
-            if p.lower().endswith(".png") and not Path(p).name.startswith(".")
-        ]
+        found = [(os.path.basename(p), p) for p in glob.glob(folder)]
+        found = [(name, p) for name, p in found if _is_slice_file(name)]
         where = f"pattern {text}"
-        if not paths:
+        if not found:
             raise EmmitoError(
-                f"{where}: no .png files match: give a folder of PNG slices or a glob such as 'em/images.*.png' (check the path)"
+                f"{where}: no .png or .tif files match: give a folder of PNG or TIFF slices, a glob such as "
+                "'em/images.*.png', a TIFF stack, or file.h5:/dataset (check the path)"
             )
-    numbered: dict[int, Path] = {}
-    for path in paths:
-        digits = slice_number(path)
+    png = sum(name.lower().endswith(".png") for name, _ in found)
+    if 0 < png < len(found):
+        first_png = min(name for name, _ in found if name.lower().endswith(".png"))
+        first_tif = min(name for name, _ in found if not name.lower().endswith(".png"))
+        raise EmmitoError(
+            f"{where}: holds both PNG ({first_png}) and TIFF ({first_tif}) slices: keep one format in the folder, "
+            "or give a glob such as '*.tif' that names one"
+        )
+    return found, where
+
+
+def _number_in_name(name: str) -> str | None:
+    """``slice_number`` of a bare file name (the last run of digits before its last dot)."""
+    dot = name.rfind(".")
+    match = _LAST_NUMBER.search(name, 0, dot if dot > 0 else len(name))
+    return match.group(1) if match else None
+
+
+def slice_paths(pattern: str | os.PathLike) -> list[str]:
+    """``list_slices`` as path strings (cheaper: no Path objects, for 100,000-slice volumes)."""
+    found, where = _slice_candidates(str(pattern))
+    numbered: dict[int, tuple[str, str]] = {}
+    for name, path in found:
+        digits = _number_in_name(name)
         if digits is None:
             raise EmmitoError(
-                f"{where}: {path.name} has no number in its name: slices are ordered by the number in their names, "
-                "rename it (e.g. slice_0000.png) or move it out"
+                f"{where}: {name} has no number in its name: slices are ordered by the number in their names, "
+                f"rename it (e.g. slice_0000{os.path.splitext(name)[1].lower()}) or move it out"
             )
         number = int(digits)
         if number in numbered:
-            first, second = sorted([numbered[number].name, path.name])
+            first, second = sorted([numbered[number][0], name])
             raise EmmitoError(
                 f"{where}: {first} and {second} both have slice number {number}: keep one of them"
             )
-        numbered[number] = path
+        numbered[number] = (name, path)
     numbers = sorted(numbered)
     missing = numbers[-1] - numbers[0] + 1 - len(numbers)
     if missing:
         before, after = next((a, b) for a, b in zip(numbers, numbers[1:]) if b != a + 1)
         more = f" (and {missing - 1} more missing)" if missing > 1 else ""
         raise EmmitoError(
-            f"{where}: slice number {before + 1} is missing between {numbered[before].name} and {numbered[after].name}{more}: "
+            f"{where}: slice number {before + 1} is missing between {numbered[before][0]} and {numbered[after][0]}{more}: "
             "add the missing slice(s) (a copy of a neighbour keeps the z spacing) or renumber the files"
         )
-    return [numbered[n] for n in numbers]
+    return [numbered[n][1] for n in numbers]
+
+
+def list_slices(pattern: str | os.PathLike) -> list[Path]:
+    """The PNG or TIFF slices named by ``pattern``, ordered by the number in their names.
+
+    ``pattern`` is a folder (every ``*.png``, or every ``*.tif``/``*.tiff``, in it;
+    hidden files skipped) or a glob such as ``data/em/images.*.png``. The number is
+    the last run of digits in the file's stem (``slice_0007.png``, ``images.081.tif``,
+    ``mitos_3D.010.png``), so ``s2.png`` comes before ``s10.png``. The numbers must
+    run without gaps or repeats, because slice order is z order. Only names are
+    read, never pixels (one directory listing).
+
+    Raises EmmitoError when nothing matches, PNG and TIFF slices are mixed, a name
+    has no number, two names share a number, or a number is missing in the run.
+    """
+    return [Path(p) for p in slice_paths(pattern)]
 
 
 def png_header(path: str | os.PathLike) -> tuple[int, int, int, str]:
@@ -416,11 +481,14 @@ def read_png_slice(path: str | os.PathLike, kind: str) -> np.ndarray:
     image -> uint8 grey:
       - grey 8-bit as is; grey 1/2/4-bit stretched to 0..255;
       - grey 16-bit -> ``value >> 8``: a fixed rule, not a per-slice contrast
-        stretch, so that all slices of a volume stay comparable;
+        stretch, so that all slices of a volume stay comparable (convert reads
+        ``image_raw`` instead and maps the whole volume at once: emmito.sources);
       - palette -> the palette is applied; the colours used must be grey (R == G == B);
       - RGB / RGBA / grey+alpha whose R, G, B are equal -> that channel (alpha is
         ignored); 16-bit colour PNGs give their high byte, as for grey;
       - RGB with differing channels is refused (a colour image, not EM).
+    image_raw -> the same, but 16-bit grey keeps its values (uint16), for
+      emmito.sources' one intensity mapping per volume.
     label_binary -> uint8 0/1, 1 = mitochondrion: any non-zero pixel is 1.
       Palette PNGs are read by palette index, not colour. Values must be 0, 1 or
       the format's maximum (255; 65535 for 16-bit); anything else is refused
@@ -465,7 +533,13 @@ def _png_pixels(path: Path) -> _PngPixels:
 
 
 def _image_pixels(path: Path, png: _PngPixels) -> np.ndarray:
-    """kind image: uint8 grey (see ``read_png_slice``)."""
+    """kind image: uint8 grey (see ``read_png_slice``); 16-bit grey by ``value >> 8``."""
+    grey = _raw_image_pixels(path, png)
+    return (grey >> 8).astype(np.uint8) if grey.dtype == np.uint16 else grey
+
+
+def _raw_image_pixels(path: Path, png: _PngPixels) -> np.ndarray:
+    """kind image_raw: grey values as stored, uint8, or uint16 for 16-bit grey (see ``read_png_slice``)."""
     pixels, mode, rgb = png.pixels, png.mode, png.rgb
     if mode == "P":
         table = _palette_table(path, png.palette)
@@ -480,7 +554,7 @@ def _image_pixels(path: Path, png: _PngPixels) -> np.ndarray:
     if mode == "1":
         return pixels.astype(np.uint8) * np.uint8(255)
     if png.bit_depth == 16:
-        return (pixels.astype(np.uint16) >> 8).astype(np.uint8)
+        return pixels.astype(np.uint16)
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 
@@ -530,6 +604,7 @@ def _vast_pixels(path: Path, png: _PngPixels) -> np.ndarray:
 
 _PNG_READERS = {
     "image": _image_pixels,
+    "image_raw": _raw_image_pixels,
     "label_binary": _binary_pixels,
     "label_instance": _instance_pixels,
     "label_vast": _vast_pixels,

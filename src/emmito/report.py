@@ -5,6 +5,8 @@
   threshold (metrics.json), plus metrics.json as an HTML table;
 - volume: EM slices with the segmentation overlaid in colour (only the slices
   shown are read) and the per-object size histogram (trace.json);
+- objects: the distributions of object volume and skeleton length (objects.csv,
+  ``emmito measure``);
 - decoder: the segment settings tuned for the model (decoder.json, ``emmito
   tune``) as an HTML page: the chosen values beside the untuned ones, the
   scores they reached on which volumes, and the best trials of the grid.
@@ -26,6 +28,7 @@ import numpy as np
 
 from emmito import contract
 from emmito.io import EmmitoError, atomic_path, open_volume, read_json, volume_attrs
+from emmito.labels import read_objects
 from emmito.resampling import mean_downsample
 
 # Overlays are shown at most this many pixels wide or high; coarser levels of
@@ -299,6 +302,47 @@ def plot_sizes(voxels: list[int], out: Path, unit: str = "voxels") -> None:
     _save(figure, out)
 
 
+def _log_histogram(axis: Any, values: list[float], xlabel: str, colour: str) -> None:
+    """Histogram of positive ``values`` on log-spaced bins, the median dashed; the count without one in the title."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    data = np.asarray(values, dtype=np.float64)
+    positive = data[data > 0]
+    if len(positive):
+        low, high = positive.min(), positive.max()
+        high = max(high * 1.001, low * 2)
+        bins = np.logspace(np.log10(low), np.log10(high), min(40, max(5, len(positive) // 3)) + 1)
+        axis.hist(positive, bins=bins, color=colour, edgecolor="white")
+        axis.set_xscale("log")
+        # 1, 2, 5 per decade in plain numbers: readable also where the values span less than a decade
+        axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        median = float(np.median(positive))
+        axis.axvline(median, color="black", linestyle="--", linewidth=1)
+        axis.text(median, axis.get_ylim()[1] * 0.95, f" median {median:.3g}", va="top", fontsize=8)
+    else:
+        axis.text(0.5, 0.5, "no objects", ha="center", va="center", transform=axis.transAxes)
+    zero = len(data) - len(positive)
+    axis.set_title(f"{len(data)} objects" + (f" ({zero} at 0, not shown)" if zero else ""), fontsize=10)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("objects")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_objects(rows: list[dict[str, Any]], out: Path) -> None:
+    """Distributions of object volume (µm³) and skeleton length (µm) from objects.csv rows, and how many are cut by the edge."""
+    plt = _pyplot()
+    figure, (volume_axis, length_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    _log_histogram(volume_axis, [r["volume_um3"] for r in rows], "volume (µm³)", "tab:blue")
+    _log_histogram(length_axis, [r["length_um"] for r in rows], "length along the skeleton (µm)", "tab:orange")
+    cut = sum(int(r["touches_edge"]) for r in rows)
+    if cut:
+        figure.suptitle(f"{cut} of {len(rows)} objects touch the volume's edge: their sizes are lower bounds", fontsize=9)
+    figure.tight_layout()
+    _save(figure, out)
+
+
 def _read_overlay_slices(seg_path: Path, image_path: Path, slices: list[int]) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """The shown slices of image and segmentation, reduced to at most OVERLAY_PIXELS, and the reduction factor.
 
@@ -343,10 +387,10 @@ def report_volume(seg_path: Path, image_path: Path, trace_path: Path, overlays_p
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito report [--training JSONL PNG] [--scores JSON PNG HTML] [--volume SEG IMAGE TRACE PNG PNG] [--decoder JSON HTML]``."""
-    decoder = getattr(args, "decoder", None)
-    if not (args.training or args.scores or args.volume or decoder):
-        raise EmmitoError("emmito report: nothing to do: give --training, --scores, --volume and/or --decoder")
+    """``emmito report [--training JSONL PNG] [--scores JSON PNG HTML] [--volume SEG IMAGE TRACE PNG PNG] [--decoder JSON HTML] [--objects CSV PNG]``."""
+    decoder, objects = getattr(args, "decoder", None), getattr(args, "objects", None)
+    if not (args.training or args.scores or args.volume or decoder or objects):
+        raise EmmitoError("emmito report: nothing to do: give --training, --scores, --volume, --decoder and/or --objects")
     if args.training:
         jsonl, png = map(Path, args.training)
         plot_training(read_training_log(jsonl), png)
@@ -359,6 +403,8 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     if args.volume:
         seg, image, trace, overlays_png, sizes_png = map(Path, args.volume)
         report_volume(seg, image, trace, overlays_png, sizes_png, args.overlays)
+    if objects:
+        plot_objects(read_objects(objects[0]), Path(objects[1]))
     if decoder:
         settings_path, table = map(Path, decoder)
         with atomic_path(table) as tmp:

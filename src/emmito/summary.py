@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emmito import config as cfg
 from emmito import contract
+from emmito.labels import read_objects
 
 METRIC_ROWS = (
     ("instance F1@IoU", "instance_f1", "iou_threshold"),
@@ -42,6 +45,8 @@ def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) ->
             ("segmentation", Path(layout.seg(vol))),
             ("id map", id_map),
             ("metrics", metrics_path),
+            ("objects table", Path(layout.objects(vol))),
+            ("OME-Zarr", Path(layout.ome_zarr(vol))),
             ("neuroglancer export", ng),
             ("report plots", Path(layout.report_dir(vol))),
             ("logs", Path(layout.logs())),
@@ -50,6 +55,7 @@ def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) ->
             lines.append(f"  {label:<20} {path}{state}")
         if ng.exists():
             lines.append(f"  {'look at it':<20} emmito view {ng}")
+        lines += _object_lines(Path(layout.objects(vol)))
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
             for name, key, extra in METRIC_ROWS:
@@ -66,3 +72,16 @@ def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) ->
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     print(summarize(cfg.load(args.config), Path(args.results)))
+
+
+def _object_lines(objects_csv: Path) -> list[str]:
+    """Median volume and length of the objects in objects.csv, and how many are cut by the volume's edge."""
+    if not objects_csv.exists():
+        return []
+    rows = read_objects(objects_csv)
+    if not rows:
+        return ["  objects.csv          no objects"]
+    volume = float(np.median([row["volume_um3"] for row in rows]))
+    length = float(np.median([row["length_um"] for row in rows]))
+    cut = sum(row["touches_edge"] for row in rows)
+    return [f"  median object        {volume:.4g} µm³, {length:.3g} µm long ({cut} of {len(rows)} cut by the volume's edge)"]

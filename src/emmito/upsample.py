@@ -7,12 +7,20 @@ crops to image.h5's shape. ``seg.h5`` holds the result in its dataset
 each 2x smaller in y and x than the one before, by mode (``resampling``).
 Everything is done in slabs of a few slices; z is never resampled, so slabs
 are independent and memory is bounded by one slab.
+
+seg.h5 is the final product, which labs open in Fiji, MATLAB, ilastik or plain
+h5py: it is compressed with gzip level 1 (``io.plain_compression``), which every
+HDF5 reader has, not with Blosc, which needs a filter plugin.
+``benchmarks/seg_compression.py`` measured the choice against Blosc-LZ4, gzip 4
+and no compression (see ``SEG_COMPRESSION``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +29,11 @@ import numpy as np
 from tqdm import tqdm
 
 from emmito import __version__, contract
-from emmito.io import EmmitoError, compression, create_volume, default_chunks, open_volume, volume_attrs
+from emmito.io import EmmitoError, atomic_path, default_chunks, open_volume, plain_compression, volume_attrs
 from emmito.resampling import downsample_mode, upsample_labels
+
+# h5py keywords of seg.h5's datasets: readable without a filter plugin.
+SEG_COMPRESSION = plain_compression
 
 
 def check_shapes(traced_path: Path, traced_shape: tuple[int, ...], factor: int, image_path: Path, image_shape: tuple[int, ...]) -> None:
@@ -39,20 +50,15 @@ def check_shapes(traced_path: Path, traced_shape: tuple[int, ...], factor: int, 
         )
 
 
-def create_level(full: h5py.Dataset, level: int, voxel_size: list[float]) -> h5py.Dataset:
-    """Pyramid level ``level`` (1, 2, ...) beside the full-resolution dataset ``full``, in the file being written.
+def _create_dataset(f: h5py.File, level: int, shape: tuple[int, ...], voxel_size: list[float], filters: dict[str, Any]) -> h5py.Dataset:
+    """uint32 dataset of pyramid level ``level`` (0 = full resolution), chunked as io.create_volume does.
 
-    Chunked and compressed as ``io.create_volume`` makes ``full``; its y and x
-    are those of the level before halved (ceil), its attributes
-    ``contract.level_attrs`` plus the version, in the order create_volume
-    writes them.
+    Its attributes are ``contract.level_attrs`` plus the version, in the order
+    io.create_volume writes them (the base keys, then the frame).
     """
-    shape = tuple(full.shape)
-    for _ in range(level):
-        shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2))
-    ds = full.file.create_dataset(
+    ds = f.create_dataset(
         contract.level_name(level), shape=shape, dtype=np.uint32, chunks=default_chunks(shape),
-        track_times=False, fillvalue=0, **compression(),
+        track_times=False, fillvalue=0, **filters,
     )
     attrs = {**contract.level_attrs(voxel_size, shape[0], 2**level), contract.VERSION: __version__}
     for key in (*contract.BASE_KEYS, *contract.FRAME_KEYS):
@@ -60,10 +66,33 @@ def create_level(full: h5py.Dataset, level: int, voxel_size: list[float]) -> h5p
     return ds
 
 
+@contextlib.contextmanager
+def create_seg(
+    out: Path, shape: tuple[int, ...], voxel_size: list[float], pyramid_levels: int, filters: dict[str, Any]
+) -> Iterator[list[h5py.Dataset]]:
+    """Create seg.h5 atomically and yield its datasets, full resolution first, then s1..sN (each halving y and x, ceil)."""
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            datasets = []
+            for level in range(pyramid_levels + 1):
+                datasets.append(_create_dataset(f, level, shape, voxel_size, filters))
+                shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2))
+            yield datasets
+
+
 def upsample_files(
-    traced_path: Path, image_path: Path, out: Path, pyramid_levels: int, slab_slices: int, progress: bool = False
+    traced_path: Path,
+    image_path: Path,
+    out: Path,
+    pyramid_levels: int,
+    slab_slices: int,
+    progress: bool = False,
+    filters: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``out`` (seg.h5): uint32 labels at image.h5's shape, plus ``pyramid_levels`` levels mode-downsampled."""
+    """Write ``out`` (seg.h5): uint32 labels at image.h5's shape, plus ``pyramid_levels`` levels mode-downsampled.
+
+    ``filters``: h5py compression keywords (default ``SEG_COMPRESSION()``; the benchmark passes others).
+    """
     with open_volume(image_path) as image:
         image_shape = tuple(image.shape)
         image_attrs = volume_attrs(image)
@@ -72,10 +101,8 @@ def upsample_files(
         check_shapes(traced_path, tuple(traced.shape), factor, image_path, image_shape)
         depth = image_shape[0]
         voxel_size = contract.voxel_size(image_attrs)
-        with create_volume(
-            out, image_shape, np.uint32, voxel_size=voxel_size, offset=0, attrs=contract.volume_frame(depth, 1)
-        ) as full:
-            levels = [create_level(full, level, voxel_size) for level in range(1, pyramid_levels + 1)]
+        filters = SEG_COMPRESSION() if filters is None else filters
+        with create_seg(out, image_shape, voxel_size, pyramid_levels, filters) as (full, *levels):
             starts = range(0, depth, slab_slices)
             for z_start in tqdm(starts, desc="upsample", unit="slab", file=sys.stderr, disable=not progress):
                 z_stop = min(z_start + slab_slices, depth)

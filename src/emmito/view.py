@@ -16,13 +16,16 @@ the volume), and the view checks the export itself.
 The view opens with the image and the segmentation on top, the largest
 objects selected (their sizes come from ``objects.json``, which export
 writes), x/y/z in nm, and the position on the centre of the largest object so
-that the first slice shown contains objects.
+that the first slice shown contains objects. Beside the xy slice a 3D panel
+shows the selected objects' meshes (export copies them into the segmentation),
+seen obliquely and without the slice planes, which would hide half of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import sys
 import threading
@@ -46,6 +49,16 @@ CHROMIUM_FLAGS = (
     "--ignore-gpu-blocklist",
 )
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# The panels: the xy slice on the left, the 3D view (meshes) on the right.
+LAYOUT = "xy-3d"
+# The 3D view's camera: tilted 30 degrees about x, then 20 about y (a quaternion x, y, z, w), so boxes show three faces.
+_TILT_X, _TILT_Y = math.radians(30), math.radians(20)
+PROJECTION_ORIENTATION = (
+    math.sin(_TILT_X / 2) * math.cos(_TILT_Y / 2),
+    math.cos(_TILT_X / 2) * math.sin(_TILT_Y / 2),
+    -math.sin(_TILT_X / 2) * math.sin(_TILT_Y / 2),
+    math.cos(_TILT_X / 2) * math.cos(_TILT_Y / 2),
+)
 
 
 def _neuroglancer() -> Any:
@@ -100,6 +113,19 @@ def initial_zoom(record: dict[str, Any], selected: list[int], view_pixels: int =
         return whole_slice
     z0, y0, x0, z1, y1, x1 = record["objects"][str(selected[0])]["bbox"]
     return min(whole_slice, 4 * max(y1 - y0, x1 - x0) / view_pixels)
+
+
+def initial_projection_scale(record: dict[str, Any], selected: list[int]) -> float:
+    """Height of the 3D view in the finest voxel's units: 3 times the first selected object's largest extent, else the volume's."""
+    sizes = record[contract.VOXEL_SIZE]
+    if selected:
+        box = record["objects"][str(selected[0])]["bbox"]
+        extents = [(high - low) * size for low, high, size in zip(box[:3], box[3:], sizes)]
+        factor = 3.0
+    else:
+        extents = [n * size for n, size in zip(record["shape"], sizes)]
+        factor = 1.5
+    return factor * max(extents) / min(sizes)
 
 
 class DataServer:
@@ -164,8 +190,11 @@ def start_viewer(
         )
         state.selected_layer.layer = SEGMENTATION_LAYER
         state.position = initial_position(record, selected)
-        state.layout = "xy"
+        state.layout = LAYOUT
         state.cross_section_scale = initial_zoom(record, selected)
+        state.projection_scale = initial_projection_scale(record, selected)
+        state.projection_orientation = PROJECTION_ORIENTATION
+        state.show_slices = False
     return viewer, data, record
 
 

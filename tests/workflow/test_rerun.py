@@ -37,7 +37,8 @@ def jobs(vol: str | None, **counts: int) -> Counter:
 
 # What reruns downstream of each stage, for one volume (the reports too).
 FROM_EVALUATE = {"evaluate": 1, "report_scores": 1}
-FROM_TRACE = {"trace": 1, "upsample": 1, "export": 1, "report_volume": 1, **FROM_EVALUATE}
+FROM_UPSAMPLE = {"upsample": 1, "measure": 1, "export": 1, "ome_zarr": 1, "report_volume": 1, "report_objects": 1}
+FROM_TRACE = {"trace": 1, **FROM_UPSAMPLE, **FROM_EVALUATE}
 FROM_SEGMENT = {"segment": BLOCKS, **FROM_TRACE}
 FROM_MERGE = {"merge": BLOCKS, **FROM_SEGMENT}
 FROM_INFER = {"infer": CHUNKS, **FROM_MERGE}
@@ -56,9 +57,15 @@ MATRIX = {
     "infer.tile_overlap": ({"infer": {"tile_overlap": 0.25}}, jobs(DEPLOY, **FROM_INFER)),
     "a volume added to infer.volumes": (
         {"volumes": {"extra": EXTRA}, "infer": {"volumes": [DEPLOY, "extra"]}},
-        jobs("extra", convert=1, convert_labels=1, infer=3, merge=2, segment=2, trace=1, upsample=1, export=1,
-             report_volume=1, evaluate=1, report_scores=1),
+        jobs("extra", convert=1, convert_labels=1, infer=3, merge=2, segment=2, trace=1, **FROM_UPSAMPLE, **FROM_EVALUATE),
     ),
+    # how grey values map to uint8: every volume's image.h5 and all that follows it (labels stay)
+    "convert key": (
+        {"convert": {"percentiles": [1, 99]}},
+        TRAINING + jobs("train", convert=1) + jobs(DEPLOY, convert=1, **FROM_INFER),
+    ),
+    "measure key": ({"measure": {"mesh_reduction": 5}}, jobs(DEPLOY, measure=1, export=1, report_objects=1)),
+    "export.tiff switched on": ({"export": {"tiff": True}}, jobs(DEPLOY, tiff=1)),
     "evaluate key": ({"evaluate": {"iou_threshold": 0.6}}, jobs(DEPLOY, **FROM_EVALUATE)),
     "thread counts": ({"train": {"threads": 1}, "infer": {"threads": 1}, "segment": {"threads": 1}}, NOTHING),
     "infer.batch_size": ({"infer": {"batch_size": 2, "prefetch_batches": 3}}, NOTHING),
