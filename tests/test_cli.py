@@ -87,6 +87,34 @@ def test_sigterm_while_the_handler_is_being_set_is_caught(monkeypatch, capsys, t
     assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated
 
 
+def test_sigterm_inside_a_constructor_leaves_our_line_last(monkeypatch, capsys):
+    """A SIGTERM inside tqdm.__init__ (before it sets ``pos``) made tqdm.__del__ print a traceback after our line."""
+    import argparse
+    import signal
+    import sys
+    import types
+
+    from emmito import cli
+
+    class HalfBuilt:
+        def __init__(self):
+            raise cli.Terminated()  # the handler ran here, before the attribute below was set
+
+        def __del__(self):
+            abs(self.pos)  # AttributeError, as tqdm.close()
+
+    noise = []
+    monkeypatch.setattr(sys, "unraisablehook", noise.append)
+    monkeypatch.setattr(cli, "import_module", lambda name: types.SimpleNamespace(run_cli=lambda args, params: HalfBuilt()))
+    status = cli._run_verb(argparse.Namespace(verb="upsample"))
+    assert status == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "emmito upsample: terminated (SIGTERM): no partial output was kept; rerun the job"
+    ]
+    assert noise == []
+    assert sys.unraisablehook == noise.append  # restored
+
+
 # ---- stage_config: the boundary where sections are validated, once ----------------------------
 
 

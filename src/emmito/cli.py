@@ -10,6 +10,7 @@ the schema's defaults filled in. Expected mistakes (``EmmitoError``) print one l
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import sys
@@ -261,21 +262,39 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _ignore_unraisable(unraisable: Any) -> None:
+    pass
+
+
 def _run_verb(args: argparse.Namespace) -> int:
     """Run the verb's stage -> exit status, turning expected failures into one line on stderr."""
+    terminated = False
+    previous_hook = sys.unraisablehook
     try:
-        module = import_module(f"emmito.{args.verb}")
-        params = stage_config(args) if hasattr(args, "params") else {}
-        module.run_cli(args, params)
-    except EmmitoError as exc:
-        print(f"emmito {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"emmito {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"emmito {args.verb}: terminated (SIGTERM): no partial output was kept; rerun the job", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        try:
+            module = import_module(f"emmito.{args.verb}")
+            params = stage_config(args) if hasattr(args, "params") else {}
+            module.run_cli(args, params)
+        except EmmitoError as exc:
+            print(f"emmito {args.verb}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"emmito {args.verb}: interrupted", file=sys.stderr)
+            return 130
+        except Terminated:
+            # The signal may have landed inside a constructor (a tqdm bar half-built has no
+            # ``pos``): such objects fail in ``__del__`` when the unwound frames are freed, at
+            # the end of this block. Their noise is not an error of the stage: keep the last
+            # line ours.
+            sys.unraisablehook = _ignore_unraisable
+            terminated = True
+        if terminated:
+            gc.collect()
+            sys.unraisablehook = previous_hook
+            print(f"emmito {args.verb}: terminated (SIGTERM): no partial output was kept; rerun the job", file=sys.stderr)
+            return 128 + signal.SIGTERM
+    finally:
+        sys.unraisablehook = previous_hook
     return 0
 
 
