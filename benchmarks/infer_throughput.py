@@ -1,27 +1,32 @@
-"""Inference throughput: the pipeline's chunk inference against the bare network, and its memory vs depth.
+"""Inference cost per output voxel: the window grid's redundancy and the chunk job's speed against the bare network.
 
-In one process, on the same tiles, it times
+For one interior chunk (chunk 1 of 20 slices of a 60 x 1024^2 synthetic volume)
+and each of two models, the demo config's (config.yaml) and the cdeep3m
+config's (configs/cdeep3m.yaml: wider, 2 output channels, pooled 2x in y/x), it
+prints, for the grid of releases before 0.6 (``old``: windows of the training
+patch, ``tile_overlap`` 0.5, no crop) and for the current defaults (``new``:
+``infer.tile`` auto, the schema's overlap, crop and memory budget):
 
-- (a) the pipeline: ``emmito.infer.run_cli`` for one chunk, i.e. reading the
-  chunk plus its halo from ``image.h5``, tiling, the network, Gaussian blending,
-  uint8 conversion and writing ``chunk_{c}.h5``;
-- (b) the bare network: ``model(x)`` under ``torch.inference_mode`` over exactly
-  the input batches the pipeline gave the model (recorded in a warm-up run: the
-  same tiles, batch size and count).
+- ``redundancy``: voxels actually fed to the network / voxels the chunk writes,
+  counted by a wrapper around the network during a run of the pipeline (the
+  count needs no real network: a stand-in returning zeros runs the same grid);
+- for ``new`` (and ``old`` with ``--time-old``, slow on CPU: each old chunk runs
+  about ten times the voxels): the median seconds of the chunk job
+  (``emmito.infer.run_cli``: read, pool, tile, network, blend, write the heat
+  file; the model loaded once before), its output MVx/s, and the bare network's
+  MVx/s on one window of the training patch (batch 1, ``torch.inference_mode``),
+  timed alternately with the job after a warm-up; ``output_ratio`` = the first
+  over the second.
 
-Both are reported in network voxels per second (tiles x patch voxels), so their
-ratio is the share of the time the network has; the pipeline's rate in chunk
-(output) voxels is printed too. Runs alternate (a, b, a, b, ...) after a
-warm-up, and the medians are compared.
+Then the peak RSS of ``emmito infer`` (fresh processes, a small fast model) for
+the same chunk of a 64- and a 256-slice volume: ``infer_rss_ratio`` shows that
+memory follows the chunk, not the volume.
 
-Then it measures the peak RSS of ``emmito infer`` (a fresh subprocess each) for the same chunk index of a base volume and of one 4x
-deeper, with the same (small, fast) model: the ratio shows whether memory
-follows the chunk or the volume. The peak is the child's own VmHWM.
+The last two lines are the worse of the two configs under the new defaults:
+``infer_redundancy: R`` and ``infer_output_ratio: R``. Test-time augmentation
+is off (``infer.tta`` multiplies the network's work by its count, by design).
 
-Prints MVx/s figures, ``infer_rss_ratio: R`` and, as the last line,
-``infer_overhead_ratio: R`` (pipeline MVx/s / bare MVx/s).
-
-Run: .venv/bin/python benchmarks/infer_throughput.py [--size 256] [--chunk-slices 20] [--repeats 3] [--threads 2]
+Run: .venv/bin/python benchmarks/infer_throughput.py [--threads 1] [--repeats 2] [--time-old] [--size 1024]
 """
 
 from __future__ import annotations
@@ -40,11 +45,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from emmito import __version__, blocks, contract, infer, prediction, runtime
 from emmito.config import section_defaults
 from emmito.io import create_volume, open_volume
-from emmito.model import build_model, check_patch, load_checkpoint
+from emmito.model import build_model, output_channels
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {"demo": REPO / "config.yaml", "cdeep3m": REPO / "configs" / "cdeep3m.yaml"}
+OLD = {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}
 
 
 def write_image(path: Path, depth: int, size: int, seed: int = 0) -> None:
@@ -59,6 +69,12 @@ def write_image(path: Path, depth: int, size: int, seed: int = 0) -> None:
             dataset[first : first + count] = np.clip(coarse + fine, 0, 255).astype(np.uint8)
 
 
+def model_section(name: str) -> dict[str, Any]:
+    """The model section of a repository config, defaults filled."""
+    with open(CONFIGS[name]) as handle:
+        return {**section_defaults("model"), **yaml.safe_load(handle).get("model", {})}
+
+
 def write_checkpoint(path: Path, model_cfg: dict[str, Any], seed: int = 0) -> None:
     """A randomly initialised model in emmito's checkpoint format (weights do not change the speed)."""
     torch.manual_seed(seed)
@@ -66,157 +82,178 @@ def write_checkpoint(path: Path, model_cfg: dict[str, Any], seed: int = 0) -> No
     checkpoint = {
         contract.CHECKPOINT_MODEL_CONFIG: model_cfg,
         contract.CHECKPOINT_STATE: model.state_dict(),
-        contract.CHECKPOINT_CHANNELS: ["foreground"],
+        contract.CHECKPOINT_CHANNELS: output_channels(model_cfg),
+        contract.CHECKPOINT_DOWNSAMPLE_XY: model_cfg[contract.DOWNSAMPLE_XY],
         contract.CHECKPOINT_INPUT_NORM: dict(prediction.DEFAULT_INPUT_NORM),
         contract.CHECKPOINT_VERSION: __version__,
     }
     contract.save_checkpoint(path, checkpoint)
 
 
-class Recorder(torch.nn.Module):
-    """Passes batches to the model and keeps a copy of each, for the bare timing."""
+class Counter(torch.nn.Module):
+    """Counts the voxels it is fed and answers zeros of the right shape: the grid's cost without the network's."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, channels: int):
         super().__init__()
-        self.model = model
-        self.batches: list[torch.Tensor] = []
+        self.channels = channels
+        self.voxels = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.batches.append(x.clone())
-        return self.model(x)
+        self.voxels += x.numel()
+        return torch.zeros((x.shape[0], self.channels, *x.shape[2:]), dtype=x.dtype)
 
 
-def run_pipeline(image: Path, checkpoint: Path, out: Path, chunk: int, params: dict[str, Any]) -> float:
-    """Seconds for ``emmito infer`` of one chunk, in this process (the CLI's core path)."""
-    args = argparse.Namespace(image=image, checkpoint=checkpoint, out=out, chunk=chunk)
-    # The progress bar goes to a buffer: it costs the same, without filling the terminal.
-    with contextlib.redirect_stderr(io.StringIO()):
+def count_redundancy(image: Path, model_cfg: dict[str, Any], infer_cfg: dict[str, Any], chunk: int, depth: int) -> tuple[float, str]:
+    """(voxels fed to the network / voxels written, the tiling) for one chunk, counted on a stand-in network."""
+    counter = Counter(len(output_channels(model_cfg)))
+    with open_volume(image) as dataset:
+        shape = dataset.shape
+        factor = model_cfg[contract.DOWNSAMPLE_XY]
+        tiling = infer.infer_chunks(
+            counter, lambda a, b: dataset[a:b], shape, [chunk], model_cfg, infer_cfg, lambda c, first, heat: None,
+            factor=factor, progress=False,
+        )
+    z_start, z_stop = blocks.chunk_range(chunk, infer_cfg["chunk_slices"], depth)
+    written = (z_stop - z_start) * -(-shape[1] // factor) * -(-shape[2] // factor)
+    return counter.voxels / written, tiling.describe()
+
+
+def run_job(image: Path, checkpoint: Path, out: Path, chunk: int, params: dict[str, Any],
+            loaded: tuple[torch.nn.Module, dict, dict], device: torch.device) -> float:
+    """Seconds for the chunk job's work (``write_heat_chunks``: what ``emmito infer`` does after loading the model)."""
+    model, ckpt, model_cfg = loaded
+    with contextlib.redirect_stderr(io.StringIO()):  # the progress bar costs the same, unseen
         start = time.perf_counter()
-        infer.run_cli(args, params)
+        infer.write_heat_chunks(model, ckpt, checkpoint, image, {chunk: out}, model_cfg, params["infer"], device)
         return time.perf_counter() - start
 
 
-def run_bare(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Seconds for ``model(x)`` over ``batches``, nothing else."""
+def run_bare(model: torch.nn.Module, window: torch.Tensor, device: torch.device, count: int) -> float:
+    """Seconds per window for ``model(window)``, ``count`` times, nothing else."""
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in batches:
+        for _ in range(count):
             with runtime.autocast(device):
-                model(batch.to(device))
+                model(window)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    return (time.perf_counter() - start) / count
+
+
+def time_tiling(name: str, label: str, image: Path, work: Path, model_cfg: dict, infer_cfg: dict, args, device) -> float:
+    """Time the chunk job against the bare network; print the figures; return the output ratio."""
+    checkpoint = work / f"{name}.pt"
+    write_checkpoint(checkpoint, model_cfg)
+    params = {"model": model_cfg, "infer": infer_cfg}
+    loaded = infer.load_for_inference(checkpoint, params, device)
+    network = loaded[0]
+    window = torch.from_numpy(np.random.default_rng(1).normal(0, 1, (1, 1, *model_cfg["patch"])).astype(np.float32)).to(device)
+    out = work / f"{name}_{label}.h5"
+    run_job(image, checkpoint, out, args.chunk, params, loaded, device)  # warm-up
+    run_bare(network, window, device, 2)
+    jobs, bares = [], []
+    for _ in range(args.repeats):
+        jobs.append(run_job(image, checkpoint, out, args.chunk, params, loaded, device))
+        bares.append(run_bare(network, window, device, args.bare_windows))
+    job, bare = statistics.median(jobs), statistics.median(bares)
+    factor = model_cfg[contract.DOWNSAMPLE_XY]
+    z_start, z_stop = blocks.chunk_range(args.chunk, args.chunk_slices, args.slices)
+    written = (z_stop - z_start) * (-(-args.size // factor)) ** 2
+    output_rate = written / job / 1e6
+    bare_rate = float(np.prod(model_cfg["patch"])) / bare / 1e6
+    print(f"  {label}: chunk job seconds {' '.join(f'{s:.1f}' for s in jobs)} (median {job:.1f}): output {output_rate:.3f} MVx/s; "
+          f"bare network on one {'x'.join(map(str, model_cfg['patch']))} window {bare_rate:.3f} MVx/s; "
+          f"output_ratio {output_rate / bare_rate:.3f}")
+    return output_rate / bare_rate
+
+
+def startup_seconds(name: str, work: Path, model_cfg: dict, args) -> float:
+    """Wall seconds of a fresh ``emmito infer`` process on a tiny volume: Python, imports, reading the model, one window."""
+    checkpoint, image = work / f"{name}_startup.pt", work / "tiny.h5"
+    write_checkpoint(checkpoint, model_cfg)
+    write_image(image, 4, 64)
+    params = json.dumps({"infer": {"chunk_slices": 4, "threads": args.threads}})
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "emmito.cli", "infer", str(image), str(checkpoint), str(work / "tiny_heat.h5"),
+                             "--chunk", "0", "--params", params], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"emmito infer failed:\n{result.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
-# Runs an emmito verb and prints the process's own peak RSS. getrusage(RUSAGE_CHILDREN) or wait4 would not
-# do: Linux carries the forking parent's peak over into the child's ru_maxrss at exec.
-_PEAK_RSS_WRAPPER = (
-    "import sys\n"
-    "from emmito.cli import main\n"
-    "status = main(sys.argv[1:])\n"
-    "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-    "print('peak_rss_kib', peak)\n"
-    "sys.exit(status)\n"
-)
-
-
 def peak_rss_mb(emmito_args: list[str]) -> float:
-    """Peak resident memory (MiB, VmHWM) of a fresh process running ``emmito EMMITO_ARGS``; exits if it fails."""
-    result = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *emmito_args], capture_output=True, text=True)
+    """Peak resident memory (MiB, the process's own VmHWM) of a fresh process running ``emmito EMMITO_ARGS``."""
+    wrapper = (
+        "import sys\nfrom emmito.cli import main\nstatus = main(sys.argv[1:])\n"
+        "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+        "print('peak_rss_kib', peak)\nsys.exit(status)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", wrapper, *emmito_args], capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"emmito {' '.join(emmito_args)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
-    kib = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("peak_rss_kib"))
-    return int(kib) / 1024
+    return int(next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("peak_rss_kib"))) / 1024
+
+
+def rss_ratio(work: Path, args) -> None:
+    model_cfg = {**section_defaults("model"), "filters": [4, 8], "patch": [4, 128, 128]}
+    checkpoint = work / "rss.pt"
+    write_checkpoint(checkpoint, model_cfg)
+    params = json.dumps({"model": model_cfg, "infer": {"chunk_slices": args.chunk_slices, "threads": args.threads}})
+    peaks = []
+    for depth in (64, 256):
+        volume = work / f"rss_{depth}.h5"
+        write_image(volume, depth, args.size, seed=1)
+        peaks.append(peak_rss_mb(["infer", str(volume), str(checkpoint), str(work / "rss_chunk.h5"), "--chunk", str(args.chunk),
+                                  "--params", params]))
+        volume.unlink()
+    print(f"peak RSS of emmito infer, chunk {args.chunk}: {peaks[0]:.0f} MB at 64 x {args.size}^2, {peaks[1]:.0f} MB at 256 x {args.size}^2")
+    print(f"infer_rss_ratio: {peaks[1] / peaks[0]:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=60, help="depth of the throughput volume")
-    parser.add_argument("--size", type=int, default=192, help="slice height and width (pixels)")
+    parser.add_argument("--slices", type=int, default=60)
+    parser.add_argument("--size", type=int, default=1024, help="slice height and width (pixels, full resolution)")
     parser.add_argument("--chunk-slices", type=int, default=20)
-    parser.add_argument("--chunk", type=int, default=1, help="chunk index timed (an inner one has halos both sides)")
-    parser.add_argument("--filters", type=int, nargs="+", default=section_defaults("model")["filters"])
-    parser.add_argument("--patch", type=int, nargs=3, default=section_defaults("model")["patch"])
-    parser.add_argument("--batch-size", type=int, default=section_defaults("infer")["batch_size"])
-    parser.add_argument("--tta", type=int, default=1, choices=prediction.TTA_COUNTS)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (0: all cores); on a shared 2-core machine 1 gives the steadier figure")
-    parser.add_argument("--rss-slices", type=int, default=64, help="depth of the base volume for the RSS ratio")
-    parser.add_argument("--rss-size", type=int, default=1024)
-    parser.add_argument("--rss-filters", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--rss-patch", type=int, nargs=3, default=[4, 128, 128])
-    parser.add_argument("--rss-overlap", type=float, default=0.0,
-                        help="tile overlap of the RSS runs: 0 keeps them fast; memory does not depend on it")
-    parser.add_argument("--depth-factor", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=1, help="the chunk measured (an inner one has halos both sides)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bare-windows", type=int, default=10, help="windows per bare-network timing")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all cores)")
+    parser.add_argument("--time-old", action="store_true", help="also time the old grid (about 10x the network work)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--no-rss", action="store_true")
     args = parser.parse_args()
 
     device = runtime.pick_device()
-    model_cfg = {**section_defaults("model"), "filters": args.filters, "patch": args.patch}
-    check_patch(args.patch, model_cfg, "--patch")
-    infer_cfg = {
-        **section_defaults("infer"),
-        "chunk_slices": args.chunk_slices,
-        "batch_size": args.batch_size,
-        "tta": args.tta,
-        "threads": args.threads,
-    }
-    params = {"model": model_cfg, "infer": infer_cfg}
     torch.set_num_threads(runtime.thread_count(args.threads))
-
+    print(f"device: {device.type}, torch threads {torch.get_num_threads()}; chunk {args.chunk} ({args.chunk_slices} slices) "
+          f"of a {args.slices} x {args.size}^2 volume; tta 1")
+    redundancies, ratios = {}, {}
     with tempfile.TemporaryDirectory(prefix="emmito-infer-bench-") as folder:
         work = Path(folder)
-        image, checkpoint, out = work / "image.h5", work / "ckpt.pt", work / "chunk.h5"
+        image = work / "image.h5"
         write_image(image, args.slices, args.size)
-        write_checkpoint(checkpoint, model_cfg)
-        model, _ = load_checkpoint(checkpoint, model_cfg, device)
-
-        # The warm-up (of the model and the pipeline's code); the recorded batches are what the pipeline feeds the network.
-        recorder = Recorder(model)
-        with open_volume(image) as dataset:
-            infer.infer_chunk(recorder, lambda a, b: dataset[a:b], args.slices, args.chunk, model_cfg, infer_cfg, device,
-                              progress=False)
-        batches = recorder.batches
-        tiles = sum(batch.shape[0] for batch in batches) // args.tta
-        network_voxels = tiles * int(np.prod(args.patch)) * args.tta
-        z_start, z_stop = blocks.chunk_range(args.chunk, args.chunk_slices, args.slices)
-        chunk_voxels = (z_stop - z_start) * args.size * args.size
-
-        pipeline_seconds, bare_seconds = [], []
-        for _ in range(args.repeats):
-            pipeline_seconds.append(run_pipeline(image, checkpoint, out, args.chunk, params))
-            bare_seconds.append(run_bare(model, batches, device))
-        pipeline, bare = statistics.median(pipeline_seconds), statistics.median(bare_seconds)
-
-        print(f"device: {device.type}, torch threads {torch.get_num_threads()}, model filters {args.filters}, patch {args.patch}, "
-              f"batch {args.batch_size}, tta {args.tta}")
-        print(f"chunk {args.chunk} of {args.chunk_slices} slices of a {args.slices} x {args.size}^2 volume: "
-              f"{tiles} tiles in {len(batches)} model calls, {network_voxels / 1e6:.1f} MVx through the network")
-        print(f"pipeline seconds: {' '.join(f'{s:.2f}' for s in pipeline_seconds)} (median {pipeline:.2f})")
-        print(f"bare model seconds: {' '.join(f'{s:.2f}' for s in bare_seconds)} (median {bare:.2f})")
-        paired = statistics.median(b / p for p, b in zip(pipeline_seconds, bare_seconds))
-        print(f"median of paired ratios (bare s / pipeline s, same repeat): {paired:.3f}")
-        print(f"pipeline_network_mvx_per_s: {network_voxels / pipeline / 1e6:.3f}")
-        print(f"bare_network_mvx_per_s: {network_voxels / bare / 1e6:.3f}")
-        print(f"pipeline_chunk_mvx_per_s: {chunk_voxels / pipeline / 1e6:.3f}  (output voxels of the chunk)")
-
-        # Memory: same chunk, same model, volumes of depth D and 4D, each in a fresh process.
-        rss_model = {**section_defaults("model"), "filters": args.rss_filters, "patch": args.rss_patch}
-        check_patch(args.rss_patch, rss_model, "--rss-patch")
-        rss_checkpoint = work / "rss_ckpt.pt"
-        write_checkpoint(rss_checkpoint, rss_model)
-        rss_params = json.dumps({"model": rss_model, "infer": {**infer_cfg, "tta": 1, "tile_overlap": args.rss_overlap}})
-        peaks = []
-        for depth in (args.rss_slices, args.rss_slices * args.depth_factor):
-            volume = work / f"rss_{depth}.h5"
-            write_image(volume, depth, args.rss_size, seed=1)
-            peaks.append(peak_rss_mb(["infer", str(volume), str(rss_checkpoint), str(work / "rss_chunk.h5"),
-                                      "--chunk", str(args.chunk), "--params", rss_params]))
-            volume.unlink()
-        print(f"peak RSS of emmito infer, chunk {args.chunk}: {peaks[0]:.0f} MB at {args.rss_slices} x {args.rss_size}^2, "
-              f"{peaks[1]:.0f} MB at {args.rss_slices * args.depth_factor} x {args.rss_size}^2")
-        print(f"infer_rss_ratio: {peaks[1] / peaks[0]:.3f}")
-        print(f"infer_overhead_ratio: {(network_voxels / pipeline) / (network_voxels / bare):.3f}")
+        for name in args.configs:
+            model_cfg = model_section(name)
+            base = {**section_defaults("infer"), "chunk_slices": args.chunk_slices, "threads": args.threads, "tta": 1}
+            print(f"{name}: filters {model_cfg['filters']}, patch {model_cfg['patch']}, downsample_xy {model_cfg[contract.DOWNSAMPLE_XY]}, "
+                  f"{len(output_channels(model_cfg))} channels")
+            for label, infer_cfg in (("old", {**base, **OLD}), ("new", base)):
+                redundancy, tiling = count_redundancy(image, model_cfg, infer_cfg, args.chunk, args.slices)
+                print(f"  {label}: windows {tiling}: redundancy {redundancy:.2f}")
+                if label == "new":
+                    redundancies[name] = redundancy
+            if args.time_old:
+                time_tiling(name, "old", image, work, model_cfg, {**base, **OLD}, args, device)
+            ratios[name] = time_tiling(name, "new", image, work, model_cfg, base, args, device)
+            print(f"  job start-up (a fresh emmito infer on a 4 x 64^2 volume: Python, imports, model): "
+                  f"{startup_seconds(name, work, model_cfg, args):.1f} s")
+        if not args.no_rss:
+            rss_ratio(work, args)
+    worst = max(redundancies, key=redundancies.get)
+    print(f"infer_redundancy: {redundancies[worst]:.3f}  ({worst})")
+    worst = min(ratios, key=ratios.get)
+    print(f"infer_output_ratio: {ratios[worst]:.3f}  ({worst})")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from emmito.model import embedding_dim, load_checkpoint, parameter_count  # noqa
 from emmito.prediction import TTA_COUNTS, predict_volume, to_heat  # noqa: E402
 from emmito.resampling import mean_pool_xy, pool_pair, upsample_labels  # noqa: E402
 from emmito.runtime import thread_count  # noqa: E402
+from emmito.tiling import plan_tiling  # noqa: E402
 from emmito.train import support_set, train_model, training_embeddings  # noqa: E402
 
 DECODERS = ("auto", "heat_watershed", "bc_watershed", "embedding_cluster", "nearest_neighbour")
@@ -96,7 +97,7 @@ def tune_on_training(model: torch.nn.Module, train: tuple, params: dict, channel
     overlap ``tune.TILE_OVERLAP``, test-time augmentation ``tune.TTA``), the
     labels mode-pooled to the inference scale; ``tuning.tune`` does the rest.
     """
-    tune_params = {**params, "infer": {**params["infer"], "tile_overlap": tune.TILE_OVERLAP}}
+    tune_params = {**params, "infer": {**params["infer"], "tile": "patch", "tile_overlap": tune.TILE_OVERLAP, "tile_crop": 0}}
     heat = predict_heat(model, train[0], tune_params, input_norm, tta=tune.TTA)
     labels = pool_pair(train[0][:1], train[1], factor(params))[1]
     volume = tuning.TuneVolume("cdeep3m_train", dict(zip(channels, heat)), labels, (0, len(labels)))
@@ -129,6 +130,33 @@ def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image:
         print(f"| {size} | {k} | {iou:.3f} | {time.perf_counter() - tic:.1f} |", flush=True)
 
 
+# The window grid of releases before 0.6: the training patch at half overlap, no crop.
+OLD_TILING = {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}
+
+
+def with_tiling(params: dict, tiling: dict) -> dict:
+    return {**params, "infer": {**params["infer"], **tiling}}
+
+
+def sweep_tiling(model, train: tuple, params: dict, channels: list[str], input_norm: dict | None, support=None) -> None:
+    """On the training volume only: IoU and mean |heat - old heat| for crops and overlaps of infer.tile auto."""
+    old = predict_heat(model, train[0], with_tiling(params, OLD_TILING), input_norm, tta=1)
+    old_iou = score_heat(old, train[1], params, channels, params["segment"], support)["voxel_iou"]
+    print(f"tiling sweep on the training volume (tta 1): old grid iou {old_iou:.4f}")
+    variants = [{"tile_crop": [2, c, c], "tile_overlap": 0} for c in (0, 8, 16, 32)]
+    variants += [{"tile_crop": [z, 16, 16], "tile_overlap": 0} for z in (0, 1, 3)]
+    variants += [{"tile_crop": [2, 16, 16], "tile_overlap": [0, o, o]} for o in (0.125, 0.25)]
+    variants += [{"tile_crop": [2, 16, 16], "tile_overlap": [0.25, 0, 0]}]
+    # The tile size alone (GroupNorm statistics and context): the same crop, no overlap, growing y/x tiles.
+    auto_z = plan_tiling(params["model"], params["infer"], (len(train[0]), 1, 1)).z.tile
+    variants += [{"tile": [auto_z, t, t], "tile_crop": [2, 16, 16], "tile_overlap": 0} for t in (96, 160, 288)]
+    for variant in variants:
+        heat = predict_heat(model, train[0], with_tiling(params, {"tile": "auto", **variant}), input_norm, tta=1)
+        iou = score_heat(heat, train[1], params, channels, params["segment"], support)["voxel_iou"]
+        difference = np.abs(heat.astype(np.int16) - old.astype(np.int16)).mean()
+        print(f"  auto {variant}: iou {iou:.4f} ({iou - old_iou:+.4f}), mean |heat - old heat| {difference:.2f} grey levels")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_data = os.environ.get("EMMITO_CDEEP3M", str(REPO.parent / "shared" / "data" / "cdeep3m-mito"))
@@ -148,6 +176,9 @@ def main() -> None:
                         help="segment.max_area_2d = this x the widest cross-section of a training mitochondrion (0: off)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--keep", type=Path, default=None, help="folder (outside the repo) to keep checkpoint and metrics in")
+    parser.add_argument("--compare-tiling", action="store_true",
+                        help="also score the old window grid (training patch, overlap 0.5, no crop) from the same checkpoint")
+    parser.add_argument("--sweep-tiling", action="store_true", help="crops and overlaps of infer.tile auto, on the training volume")
     args = parser.parse_args()
     if not (args.data / "v2018").is_dir():
         sys.exit(f"{args.data}/v2018 not found: pass --data or set EMMITO_CDEEP3M")
@@ -207,11 +238,20 @@ def main() -> None:
     settings_line = tuning.describe(params["segment"], sources)
     print(f"segment settings: {settings_line}")
 
+    if args.sweep_tiling:
+        sweep_tiling(model, train, params, channels, checkpoint.get("input_norm"), support)
     results = {}
     for name, folder in (("v2018", args.data / "v2018" / "validation"), ("v2020", args.data / "v2020" / "validation")):
         image, gt = load_stack(folder)
         heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
         results[name] = score_heat(heat, gt, params, channels, params["segment"], support)
+        if args.compare_tiling:
+            old = score_heat(predict_heat(model, image, with_tiling(params, OLD_TILING), checkpoint.get("input_norm")),
+                             gt, params, channels, params["segment"], support)
+            print(f"{name} old grid (patch, overlap 0.5, no crop): iou {old['voxel_iou']:.4f} f1 {old['instance_f1']:.4f} "
+                  f"f1_2d {old['f1_2d']:.4f}; new grid ({params['infer']['tile']}, overlap {params['infer']['tile_overlap']}, "
+                  f"crop {params['infer']['tile_crop']}): iou {results[name]['voxel_iou']:.4f} f1 {results[name]['instance_f1']:.4f} "
+                  f"f1_2d {results[name]['f1_2d']:.4f}; iou difference {results[name]['voxel_iou'] - old['voxel_iou']:+.4f}")
         if params["segment"]["max_area_2d"]:
             unfiltered = score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
             print(f"{name} without max_area_2d: iou {unfiltered['voxel_iou']:.4f} f1 {unfiltered['instance_f1']:.4f} "

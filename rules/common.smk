@@ -31,13 +31,14 @@ except EmmitoError as exc:
 
 wildcard_constraints:
     vol="|".join(re.escape(v) for v in sorted(config["volumes"])),
-    chunk=r"\d+",
+    job=r"\d+",
     block=r"\d+",
 
 
 R = Results()
 MODEL = config["model"]["name"]
 LAYOUT = Layout.from_config(config)
+CHUNKS_PER_JOB = config["infer"]["chunks_per_job"]
 CONDA_ENV = "../envs/emmito.yaml"
 # The checkpoint infer (and tune) use: model.checkpoint where set (a trained model from elsewhere:
 # no train job, train.smk defines none), else the one the train rule writes.
@@ -195,9 +196,23 @@ def train_args(wildcards):
     return " ".join(args)
 
 
-def merge_chunks(wildcards):
+def job_chunks(wildcards):
+    """The chunks infer job {job} writes, as --chunks arguments."""
+    chunks = volume_layout(wildcards.vol).chunks_of_job(
+        int(wildcards.job), CHUNKS_PER_JOB
+    )
+    return " ".join(map(str, chunks))
+
+
+def merge_chunk_files(wildcards):
+    """The heat files of the chunks block {block} reads (its own and its overlap's)."""
     chunk_indices = volume_layout(wildcards.vol).chunks_of_block(int(wildcards.block))
-    return [R.heat_chunk(wildcards.vol, c) for c in chunk_indices]
+    return [R.heat_chunk(wildcards.vol, c, CHUNKS_PER_JOB) for c in chunk_indices]
+
+
+def merge_jobs(wildcards):
+    """The infer jobs' folders that hold those files."""
+    return sorted({os.path.dirname(path) for path in merge_chunk_files(wildcards)})
 
 
 def segment_inputs(wildcards):
@@ -316,6 +331,13 @@ def mem_mb(slices, bytes_per_voxel, base_mb=1000):
         return int((base_mb + bytes_per_voxel * voxels / 2**20) * attempt)
 
     return request
+
+
+def job_slices_of(wildcards):
+    """An infer job holds its chunks' heat and the slices its windows read (a tile's depth of halo)."""
+    tile = config["infer"]["tile"]
+    tile_z = tile[0] if isinstance(tile, list) else config["model"]["patch"][0]
+    return CHUNKS_PER_JOB * LAYOUT.chunk_slices + 2 * tile_z
 
 
 def chunk_slices_of(wildcards):

@@ -1,7 +1,7 @@
 rule merge:
     """The chunks of block {block} (plus the overlap into the next block) -> one heatmap block."""
     input:
-        merge_chunks,
+        merge_jobs,
     output:
         R.heat_block(),
     log:
@@ -15,7 +15,8 @@ rule merge:
         mem_mb=mem_mb(chunk_slices_of, 4),
         runtime=runtime_minutes(30),
     params:
+        chunks=merge_chunk_files,
         config=stage_params("merge"),
     shell:
-        "emmito merge {output} {input} --block {wildcards.block} --params {params.config}"
+        "emmito merge {output} {params.chunks} --block {wildcards.block} --params {params.config}"
         ' --runtime "$EMMITO_RUNTIME_MERGE" > {log} 2>&1'

@@ -15,22 +15,16 @@ import torch
 from emmito import __version__, contract, io
 from emmito.config import section_defaults
 from emmito.contract import fixture, save_checkpoint
-from emmito.infer import AlignedWriter, infer_chunk, run_cli
+from emmito.infer import AlignedWriter, infer_chunk, infer_chunks, run_cli, volume_tiling
 from emmito.io import EmmitoError
 from emmito.model import build_model, load_checkpoint
-from emmito.prediction import (
-    chunk_z_starts,
-    predict_slices,
-    predict_tiles,
-    reflect_index,
-    to_heat,
-    tta_variants,
-    window_starts,
-    window_stride,
-)
+from emmito.prediction import predict_slices, predict_tiles, reflect_index, to_heat, tta_variants
 from emmito.resampling import mean_pool_xy
+from emmito.tiling import AxisTiling, Tiling
 
 TINY = dict(filters=[2, 4], conv3d_from_level=0, pool_z_from_level=0, patch=[4, 8, 8])
+# The window grid of releases before 0.6: the training patch at half overlap, no crop.
+OLD = {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,29 +58,67 @@ def expected_identity(image: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(image.astype(np.float64) - 127.5) / 127.5))
 
 
-def test_window_grid_covers_the_axis_at_a_constant_stride():
-    for size, patch, stride in [(11, 4, 2), (192, 96, 48), (5, 8, 4), (100, 16, 16), (1, 1, 1)]:
-        starts = window_starts(size, patch, stride)
-        assert starts[0] <= 0 and starts[-1] + patch >= size
-        assert np.all(np.diff(starts) == stride)
+def old_grid(patch=TINY["patch"], overlap=0.5) -> Tiling:
+    """Windows of the training patch at ``overlap``, no crop: the grid of releases before 0.6."""
+    return Tiling.of_patch(patch, overlap)
+
+
+@pytest.mark.parametrize("tile, overlap, crop", [(4, 0.5, 0), (96, 0.5, 0), (8, 0, 2), (24, 0.25, 2), (1, 0, 0), (544, 0.125, 16)])
+def test_window_grid_covers_the_axis_at_a_constant_stride(tile, overlap, crop):
+    axis = AxisTiling.of(tile, overlap, crop)
+    for size in (1, 5, 11, 100, 192, 1024):
+        starts = axis.starts(size)
+        valid_lo, valid_hi = starts + axis.crop_lo, starts + axis.tile - axis.crop_hi
+        assert valid_lo[0] == 0 and valid_hi[-1] >= size  # the valid regions cover the axis from its first voxel
+        assert np.all(np.diff(starts) == axis.stride) and axis.stride == max(1, int((tile - 2 * crop) * (1 - overlap)))
+        assert np.all(valid_lo[1:] <= valid_hi[:-1])  # no gaps
         # The fewest windows: dropping the last one would leave voxels uncovered.
-        assert len(starts) == 1 or starts[-2] + patch - starts[0] < size
+        assert len(starts) == 1 or valid_hi[-2] < size
+        # A run of voxels needs exactly the windows whose valid region touches it.
+        touching = axis.starts(size, size // 3, size // 3 + 2)
+        assert list(touching) == [s for s, lo, hi in zip(starts, valid_lo, valid_hi) if lo < size // 3 + 2 and hi > size // 3]
+    weights = axis.weights(0.125)
+    assert np.all(weights[: axis.crop_lo] == 0) and np.all(weights[axis.tile - axis.crop_hi :] == 0)
+    assert np.all(weights[axis.crop_lo : axis.tile - axis.crop_hi] > 0)
     assert list(reflect_index(np.arange(-3, 8), 4)) == [3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1]
 
 
-@pytest.mark.parametrize("shape, patch", [((11, 13, 18), (4, 8, 8)), ((7, 5, 9), (4, 8, 8))])
-def test_blending_is_normalised_and_reflection_aligned(shape, patch):
-    # With an identity network every window agrees, so any error in placement, reflection
-    # or weight normalisation shows up as a difference from the pointwise answer.
+def test_a_crop_that_leaves_no_valid_region_is_one_line():
+    with pytest.raises(EmmitoError, match="tile_crop"):
+        AxisTiling.of(8, 0, 4)
+
+
+GRIDS = {
+    "patch, half overlap": old_grid(),
+    "cropped, per-axis overlap": Tiling.of_patch([6, 10, 12], [0, 0.25, 0.5], [1, 2, 3]),
+    "one window in y and x": Tiling(AxisTiling.of(4, 0.5, 0), AxisTiling(14, 9, 2, 3), AxisTiling(22, 17, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("shape", [(11, 13, 18), (7, 5, 9)])
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_blending_is_normalised_and_reflection_aligned(shape, grid):
+    # With an identity network every window agrees, so any error in placement, reflection,
+    # crop or weight normalisation shows up as a difference from the pointwise answer.
     image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    probability = predict_slices(Identity(), lambda a, b: image[a:b], shape[0], 2, shape[0] - 1, patch, 0.5, 3, progress=False)
+    probability = predict_slices(Identity(), lambda a, b: image[a:b], shape[0], 2, shape[0] - 1, GRIDS[grid], 3, progress=False)
     assert probability.shape == (1, shape[0] - 3, *shape[1:])
     np.testing.assert_allclose(probability[0], expected_identity(image[2:-1]), atol=2e-6)
 
 
-@pytest.mark.parametrize("overlap, batch_size, prefetch", [(0.5, 3, 2), (0.25, 4, 1), (0.75, 5, 3), (0.0, 2, 2)])
-def test_chunked_inference_equals_whole_volume_inference_for_any_chunk_size(overlap, batch_size, prefetch):
-    depth, patch_z = 11, TINY["patch"][0]
+TILINGS = {
+    "patch at 0.5 (before 0.6)": {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0},
+    "patch at 0.25": {"tile": "patch", "tile_overlap": 0.25, "tile_crop": 0},
+    "auto (the default)": {},
+    "auto, overlap and crop": {"tile_overlap": [0.25, 0.5, 0.25], "tile_crop": [1, 2, 1]},
+    "explicit tile, no overlap": {"tile": [6, 8, 10], "tile_overlap": 0, "tile_crop": [1, 1, 2]},
+}
+
+
+@pytest.mark.parametrize("tiling", list(TILINGS))
+@pytest.mark.parametrize("batch_size, prefetch", [(3, 2), (1, 1)])
+def test_chunked_inference_equals_whole_volume_inference_for_any_chunk_size(tiling, batch_size, prefetch):
+    depth = 11
     image = np.random.default_rng(0).integers(0, 256, (depth, 10, 13), dtype=np.uint8)
     model = tiny_model()
     reads: list[tuple[int, int]] = []
@@ -95,25 +127,39 @@ def test_chunked_inference_equals_whole_volume_inference_for_any_chunk_size(over
         reads.append((a, b))
         return image[a:b]
 
-    whole = to_heat(predict_slices(model, read, depth, 0, depth, TINY["patch"], overlap, 4, progress=False))
-    assert whole.std() > 5, "the tiny model must give a non-trivial heatmap for this test to mean anything"
     # 1, a divisor-free 3, 4 and 5 (none divides 11) and the whole depth as one chunk.
     for chunk_slices in (1, 3, 4, 5, 11):
-        cfg = params(infer={"chunk_slices": chunk_slices, "batch_size": batch_size, "tile_overlap": overlap,
-                            "prefetch_batches": prefetch})
+        cfg = params(infer={"chunk_slices": chunk_slices, "batch_size": batch_size, "prefetch_batches": prefetch, **TILINGS[tiling]})
+        grid = volume_tiling(cfg["model"], cfg["infer"], image.shape)
+        whole = to_heat(predict_slices(model, read, depth, 0, depth, grid, 4, progress=False))
+        assert whole.std() > 5, "the tiny model must give a non-trivial heatmap for this test to mean anything"
+        n_chunks = -(-depth // chunk_slices)
         chunks = []
-        for c in range(-(-depth // chunk_slices)):
+        for c in range(n_chunks):
             reads.clear()
-            chunks.append(infer_chunk(model, read, depth, c, cfg["model"], cfg["infer"], progress=False)[0])
+            chunks.append(infer_chunk(model, read, image.shape, c, cfg["model"], cfg["infer"], progress=False)[0])
             start, stop = c * chunk_slices, min((c + 1) * chunk_slices, depth)
             # Each slice of the chunk plus its halo (less than a window each side) is read once, in increasing runs.
             slices_read = [z for a, b in reads for z in range(a, b)]
             assert slices_read == sorted(set(slices_read)), f"chunk {c} read a slice twice: {reads}"
             assert set(range(start, stop)) <= set(slices_read)
-            assert min(slices_read) >= start - patch_z and max(slices_read) < stop + patch_z
+            assert min(slices_read) >= start - grid.z.tile and max(slices_read) < stop + grid.z.tile
         stitched = np.concatenate(chunks, axis=1)
         assert stitched.shape == whole.shape
-        assert np.abs(stitched.astype(int) - whole.astype(int)).max() <= 1, f"seam at chunk_slices={chunk_slices}"
+        # The same bytes: each row of windows is batched alike in every run (see prediction._prepare_tiles).
+        assert np.array_equal(stitched, whole), f"seam at chunk_slices={chunk_slices}"
+        # Jobs of 3 chunks write the same heat, chunk by chunk, in order.
+        for first in range(0, n_chunks, 3):
+            parts: dict[int, list[np.ndarray]] = {}
+            job = list(range(first, min(first + 3, n_chunks)))
+            infer_chunks(model, read, image.shape, job, cfg["model"], cfg["infer"],
+                         lambda chunk, at, heat: parts.setdefault(chunk, []).append((at, heat.copy())), progress=False)
+            assert sorted(parts) == job
+            for c in job:
+                offsets = [at for at, _ in parts[c]]
+                assert offsets[0] == 0 and offsets == sorted(offsets)
+                heat = np.concatenate([h for _, h in parts[c]], axis=1)
+                assert np.array_equal(heat, chunks[c]), f"job {job}, chunk {c}"
 
 
 class CountingModel(torch.nn.Module):
@@ -136,12 +182,29 @@ def test_within_a_chunk_each_window_runs_exactly_once():
     image = np.random.default_rng(3).integers(0, 256, (depth, 10, 13), dtype=np.uint8)
     counting = CountingModel(tiny_model())
     z_start, z_stop = 4, 8
-    predict_slices(counting, lambda a, b: image[a:b], depth, z_start, z_stop, patch, 0.5, 3, progress=False)
-    windows_yx = len(window_starts(10, 8, window_stride(8, 0.5))) * len(window_starts(13, 8, window_stride(8, 0.5)))
-    z_rows = chunk_z_starts(depth, z_start, z_stop, patch[0], 0.5)
+    grid = old_grid()
+    stats: dict[str, int] = {}
+    predict_slices(counting, lambda a, b: image[a:b], depth, z_start, z_stop, grid, 3, progress=False, stats=stats)
+    windows_yx = grid.y.count(10) * grid.x.count(13)
+    z_rows = grid.z.starts(depth, z_start, z_stop)
     assert list(z_rows) == [2, 4, 6]  # the grid over 11 slices starts at 0, 2, .., 8; these touch [4, 8)
-    assert counting.tiles == len(z_rows) * windows_yx == 3 * 6
+    assert counting.tiles == len(z_rows) * windows_yx == 3 * 6 == stats["windows"]
     assert counting.calls == -(-counting.tiles // 3)
+    assert stats["voxels_in"] == counting.tiles * 4 * 8 * 8 and stats["voxels_out"] == 4 * 10 * 13
+
+
+def test_auto_tiles_run_one_row_of_windows_per_chunk():
+    """infer.tile auto: the chunk is the valid region in z, so a chunk's job runs each voxel's window once."""
+    depth = 20
+    image = np.random.default_rng(3).integers(0, 256, (depth, 40, 44), dtype=np.uint8)
+    counting = CountingModel(tiny_model())
+    cfg = params(infer={"chunk_slices": 5, "tile_crop": [1, 2, 2], "tile_memory_mb": 16})
+    grid = volume_tiling(cfg["model"], cfg["infer"], image.shape)
+    assert (grid.z.tile, grid.z.stride, grid.z.crop_lo, grid.z.crop_hi) == (8, 5, 1, 2)  # 5 + 2 x 1, rounded up to even
+    assert grid.y.count(40) == grid.x.count(44) == 1  # one window holds the slice
+    assert grid.redundancy(image.shape, 5, 10) == pytest.approx(8 * grid.y.tile * grid.x.tile / (5 * 40 * 44))
+    infer_chunk(counting, lambda a, b: image[a:b], image.shape, 1, cfg["model"], cfg["infer"], progress=False)
+    assert counting.tiles == 1
 
 
 def test_tta_variants_are_flips_then_transposes_then_z_flips():
@@ -185,8 +248,8 @@ def test_tta_running_mean_equals_the_mean_of_the_variants(count):
 
 def test_tta_with_an_equivariant_model_changes_nothing():
     image = np.random.default_rng(6).integers(0, 256, (9, 12, 10), dtype=np.uint8)
-    plain = predict_slices(Identity(), lambda a, b: image[a:b], 9, 2, 7, TINY["patch"], 0.5, 4, progress=False)
-    augmented = predict_slices(Identity(), lambda a, b: image[a:b], 9, 2, 7, TINY["patch"], 0.5, 4, progress=False, tta=16)
+    plain = predict_slices(Identity(), lambda a, b: image[a:b], 9, 2, 7, old_grid(), 4, progress=False)
+    augmented = predict_slices(Identity(), lambda a, b: image[a:b], 9, 2, 7, old_grid(), 4, progress=False, tta=16)
     np.testing.assert_allclose(augmented, plain, atol=1e-6)
     np.testing.assert_allclose(augmented[0], expected_identity(image[2:7]), atol=2e-6)
 
@@ -195,10 +258,10 @@ def test_tta_chunk_follows_the_config_key():
     depth = 7
     image = np.random.default_rng(7).integers(0, 256, (depth, 10, 12), dtype=np.uint8)
     model = tiny_model(seed=8)
-    cfg = params(infer={"chunk_slices": 3, "tta": 8})
-    heat, offset = infer_chunk(model, lambda a, b: image[a:b], depth, 1, cfg["model"], cfg["infer"], progress=False)
-    expected = predict_slices(model, lambda a, b: image[a:b], depth, 3, 6, TINY["patch"], 0.5, 4, progress=False, tta=8)
-    plain = predict_slices(model, lambda a, b: image[a:b], depth, 3, 6, TINY["patch"], 0.5, 4, progress=False)
+    cfg = params(infer={"chunk_slices": 3, "tta": 8, **OLD})
+    heat, offset = infer_chunk(model, lambda a, b: image[a:b], image.shape, 1, cfg["model"], cfg["infer"], progress=False)
+    expected = predict_slices(model, lambda a, b: image[a:b], depth, 3, 6, old_grid(), 4, progress=False, tta=8)
+    plain = predict_slices(model, lambda a, b: image[a:b], depth, 3, 6, old_grid(), 4, progress=False)
     assert offset == 3 and np.abs(heat.astype(int) - to_heat(expected).astype(int)).max() <= 1
     assert np.abs(heat.astype(int) - to_heat(plain).astype(int)).max() > 1
 
@@ -208,7 +271,7 @@ def test_finished_slices_are_handed_on_in_order_as_rows_finish():
     image = np.random.default_rng(9).integers(0, 256, (depth, 8, 8), dtype=np.uint8)
     runs: list[tuple[int, np.ndarray]] = []
     result = predict_slices(
-        tiny_model(), lambda a, b: image[a:b], depth, 2, 18, TINY["patch"], 0.5, 1, progress=False,
+        tiny_model(), lambda a, b: image[a:b], depth, 2, 18, old_grid(), 1, progress=False,
         on_slices=lambda first, part: runs.append((first, part.copy())),
     )
     firsts = [first for first, _ in runs]
@@ -237,7 +300,7 @@ def test_a_failure_in_any_thread_reaches_the_caller_and_stops_the_others():
         return image[a:b]
 
     def run(model=None, read=None, **kwargs):
-        predict_slices(model or tiny_model(), read or (lambda a, b: image[a:b]), 30, 0, 30, TINY["patch"], 0.5, 1,
+        predict_slices(model or tiny_model(), read or (lambda a, b: image[a:b]), 30, 0, 30, old_grid(), 1,
                        progress=False, prefetch_batches=1, **kwargs)
 
     with pytest.raises(OSError, match="disk went away"):
@@ -309,8 +372,8 @@ def write_fixture(tmp_path, shape=(6, 20, 24), factor: int = 1) -> tuple:
 def test_infer_cli_writes_the_heat_contract(tmp_path, factor):
     # The checkpoint's pooling factor is the one used (the image's voxel size picks it where the checkpoint records one).
     image, model = write_fixture(tmp_path, factor=factor)
-    cfg = params(model={contract.DOWNSAMPLE_XY: factor}, infer={"chunk_slices": 4})
-    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "chunk_1.h5", chunk=1)
+    cfg = params(model={contract.DOWNSAMPLE_XY: factor}, infer={"chunk_slices": 4, **OLD})
+    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "chunk_1.h5", chunk=1, chunks=None)
     run_cli(args, cfg)
     heat, attrs = io.read_volume(tmp_path / "chunk_1.h5")
     assert heat.dtype == np.uint8 and heat.shape == (1, 2, -(-20 // factor), -(-24 // factor))
@@ -318,8 +381,43 @@ def test_infer_cli_writes_the_heat_contract(tmp_path, factor):
     assert attrs["voxel_size"] == [40.0, 8.0 * factor, 8.0 * factor]
     assert list(attrs["channels"]) == ["foreground"]
     pooled = mean_pool_xy(image, factor)
-    expected = to_heat(predict_slices(model, lambda a, b: pooled[a:b], 6, 4, 6, TINY["patch"], 0.5, 4, progress=False))
+    expected = to_heat(predict_slices(model, lambda a, b: pooled[a:b], 6, 4, 6, old_grid(), 4, progress=False))
     assert np.abs(heat.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_job_of_chunks_writes_a_folder_of_the_same_heat_files_or_nothing(tmp_path, monkeypatch, capsys):
+    write_fixture(tmp_path, shape=(10, 20, 24))
+    cfg = params(infer={"chunk_slices": 3})
+    single = {}
+    for c in range(4):
+        out = tmp_path / f"single_{c}.h5"
+        run_cli(argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=out, chunk=c, chunks=None), cfg)
+        single[c] = io.read_volume(out)
+    job = tmp_path / "heat" / "job_0"
+    run_cli(argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=job, chunk=None, chunks=[0, 1, 2, 3]), cfg)
+    assert sorted(p.name for p in job.iterdir()) == [contract.heat_chunk_name(c) for c in range(4)]
+    for c in range(4):
+        heat, attrs = io.read_volume(job / contract.heat_chunk_name(c))
+        assert np.array_equal(heat, single[c][0]) and attrs == single[c][1]
+    # The log names the windows and the work per voxel written.
+    assert "voxels through the network per voxel written" in capsys.readouterr().err
+    # A failure after the first chunk's file was complete leaves no folder at all.
+    import emmito.infer as infer_module
+
+    real = infer_module.AlignedWriter.__call__
+    calls = {"n": 0}
+
+    def failing(self, first, heat):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return real(self, first, heat)
+
+    monkeypatch.setattr(infer_module.AlignedWriter, "__call__", failing)
+    broken = tmp_path / "heat" / "job_1"
+    with pytest.raises(EmmitoError, match="no space left"):
+        run_cli(argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=broken, chunk=None, chunks=[0, 1, 2, 3]), cfg)
+    assert not broken.exists() and sorted(p.name for p in (tmp_path / "heat").iterdir()) == ["job_0"]
 
 
 @pytest.mark.bad_input
@@ -365,14 +463,14 @@ def test_model_keys_left_to_their_defaults_never_conflict_and_set_ones_are_check
     from emmito.config import validate_sections
 
     image, model = write_fixture(tmp_path)  # TINY: filters [2, 4]; the schema's default is [16, 32, 64, 128]
-    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "chunk_1.h5", chunk=1)
-    run_cli(args, validate_sections({"infer": {"chunk_slices": 4}}))
-    expected = to_heat(predict_slices(model, lambda a, b: image[a:b], 6, 4, 6, TINY["patch"], 0.5, 4, progress=False))
+    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "chunk_1.h5", chunk=1, chunks=None)
+    run_cli(args, validate_sections({"infer": {"chunk_slices": 4, **OLD}}))
+    expected = to_heat(predict_slices(model, lambda a, b: image[a:b], 6, 4, 6, old_grid(), 4, progress=False))
     assert np.abs(io.read_volume(args.out)[0].astype(int) - expected.astype(int)).max() <= 1
     # The inference window may differ from the training patch where it fits the network.
     args.out = tmp_path / "patch.h5"
-    run_cli(args, validate_sections({"model": {"patch": [2, 16, 16]}, "infer": {"chunk_slices": 4}}))
-    expected = to_heat(predict_slices(model, lambda a, b: image[a:b], 6, 4, 6, [2, 16, 16], 0.5, 4, progress=False))
+    run_cli(args, validate_sections({"model": {"patch": [2, 16, 16]}, "infer": {"chunk_slices": 4, **OLD}}))
+    expected = to_heat(predict_slices(model, lambda a, b: image[a:b], 6, 4, 6, old_grid([2, 16, 16]), 4, progress=False))
     assert np.abs(io.read_volume(args.out)[0].astype(int) - expected.astype(int)).max() <= 1
     for model_keys, message in (
         ({"filters": [16, 32, 64, 128]}, r"was trained with model\.filters=\[2,4\], the config says \[16,32,64,128\]"),

@@ -15,7 +15,7 @@ from emmito.config import section_defaults
 from emmito.contract import fixture, save_checkpoint
 from emmito.io import EmmitoError
 from emmito.model import load_checkpoint
-from emmito.prediction import predict_slices
+from emmito.prediction import Tiling, predict_slices
 from emmito.resampling import mean_pool_xy, pool_pair
 from emmito.targets import binary_target
 from emmito.train import PatchSampler, learning_rate_factor, run_cli, train_model
@@ -114,7 +114,7 @@ def test_training_learns_blobs_and_keeps_the_best_validation_state():
     model = build_model(cfg["model"])
     model.load_state_dict(checkpoint["state_dict"])
     image, label = blob_volume(1)
-    probability = predict_slices(model, lambda a, b: image[a:b], 8, 0, 8, TINY["patch"], 0.5, 8, progress=False)[0]
+    probability = predict_slices(model, lambda a, b: image[a:b], 8, 0, 8, Tiling.of_patch(TINY["patch"], 0.5), 8, progress=False)[0]
     predicted = probability > 0.5
     assert np.count_nonzero(predicted & (label > 0)) / np.count_nonzero(predicted | (label > 0)) == pytest.approx(checkpoint["best_val_iou"], abs=1e-6)
 

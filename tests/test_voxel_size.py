@@ -21,7 +21,7 @@ from emmito.config import section_defaults, validate_sections
 from emmito.infer import run_cli
 from emmito.io import EmmitoError
 from emmito.model import build_model, pooling_for_volume
-from emmito.prediction import predict_slices, to_heat
+from emmito.prediction import Tiling, predict_slices, to_heat
 from emmito.resampling import POOLING_FACTORS, mean_pool_xy, pooling_factor
 
 TINY = dict(filters=[2, 4], conv3d_from_level=0, pool_z_from_level=0, patch=[4, 8, 8])
@@ -74,16 +74,17 @@ def infer(tmp_path, image_voxels, **checkpoint):
     """``emmito infer`` of chunk 1 (slices 4-5) with no config: (heat, attrs, image, model)."""
     model = checkpoint_at(tmp_path / "ckpt.pt", **checkpoint)
     image = image_at(tmp_path / "image.h5", image_voxels)
-    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "heat.h5", chunk=1)
-    # What the CLI hands the stage for --params '{"infer": {"chunk_slices": 4}}': every section, no model key set.
-    run_cli(args, validate_sections({"infer": {"chunk_slices": 4}}))
+    args = argparse.Namespace(image=tmp_path / "image.h5", checkpoint=tmp_path / "ckpt.pt", out=tmp_path / "heat.h5", chunk=1, chunks=None)
+    # What the CLI hands the stage for --params '{"infer": {"chunk_slices": 4, ...}}': every section, no model key set;
+    # the training patch's windows at half overlap, as the expected heat below.
+    run_cli(args, validate_sections({"infer": {"chunk_slices": 4, "tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}}))
     heat, attrs = io.read_volume(tmp_path / "heat.h5")
     return heat, attrs, image, model
 
 
 def expected_heat(model, image, factor):
     pooled = mean_pool_xy(image, factor)
-    return to_heat(predict_slices(model, lambda a, b: pooled[a:b], image.shape[0], 4, 6, TINY["patch"], 0.5, 4, progress=False))
+    return to_heat(predict_slices(model, lambda a, b: pooled[a:b], image.shape[0], 4, 6, Tiling.of_patch(TINY["patch"], 0.5), 4, progress=False))
 
 
 def test_a_volume_with_half_the_training_pixel_size_is_pooled_by_2(tmp_path):
@@ -148,5 +149,10 @@ def test_the_infer_verb_needs_nothing_but_the_checkpoint(tmp_path):
     # The default chunk_slices (20): one chunk holds all 6 slices; the architecture and patch are the checkpoint's.
     assert attrs[contract.DOWNSAMPLE_XY] == 2 and heat.shape == (1, 6, 8, 8) and attrs[contract.CHANNELS] == ["foreground"]
     pooled = mean_pool_xy(image, 2)
-    expected = to_heat(predict_slices(model, lambda a, b: pooled[a:b], 6, 0, 6, TINY["patch"], 0.5, 4, progress=False))
+    # No config: the default window grid (infer.tile auto) over the pooled volume.
+    from emmito.config import section_defaults
+    from emmito.tiling import plan_tiling
+
+    grid = plan_tiling({**section_defaults("model"), **TINY}, section_defaults("infer"), pooled.shape)
+    expected = to_heat(predict_slices(model, lambda a, b: pooled[a:b], 6, 0, 6, grid, 4, progress=False))
     assert np.abs(heat.astype(int) - expected.astype(int)).max() <= 1

@@ -107,3 +107,16 @@ class Layout:
 
     def chunks_of_block(self, block_index: int) -> list[int]:
         return chunks_of_block(block_index, self.block_slices, self.block_overlap, self.chunk_slices, self.depth)
+
+    def n_jobs(self, chunks_per_job: int) -> int:
+        """Infer jobs of ``chunks_per_job`` chunks each (the last may have fewer)."""
+        return count(self.n_chunks, chunks_per_job)
+
+    def chunks_of_job(self, job_index: int, chunks_per_job: int) -> list[int]:
+        """The consecutive chunks infer job ``job_index`` writes."""
+        if job_index < 0 or job_index >= self.n_jobs(chunks_per_job):
+            raise EmmitoError(
+                f"job {job_index} is outside a volume of {self.n_chunks} chunks in jobs of {chunks_per_job}: pick 0..{self.n_jobs(chunks_per_job) - 1}"
+            )
+        first = job_index * chunks_per_job
+        return list(range(first, min(first + chunks_per_job, self.n_chunks)))

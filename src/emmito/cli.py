@@ -138,11 +138,16 @@ def _model_verbs(verbs: argparse._SubParsersAction) -> None:
     )
     _add_params(p)
 
-    p = verbs.add_parser("infer", help="heatmap of one chunk of slices")
+    p = verbs.add_parser("infer", help="heatmap of one chunk of slices, or of a job's consecutive chunks")
     p.add_argument("image", type=Path)
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--chunk", type=int, required=True, help="chunk index")
+    p.add_argument("out", type=Path, help="--chunk: the heat file; --chunks: the folder of the chunks' heat files")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--chunk", type=int, help="chunk index: OUT is its heat file")
+    which.add_argument(
+        "--chunks", type=int, nargs="+",
+        help="consecutive chunk indices (an infer job): OUT is a folder of chunk_<c>.h5, made whole or not at all",
+    )
     _add_params(p)
 
 

@@ -169,7 +169,7 @@ def level_attrs(voxel_size: list[float], volume_depth: int, scale: int) -> dict[
 OUTPUT_VERSIONS: dict[str, int] = {
     "convert": 2,
     "train": 1,
-    "infer": 1,
+    "infer": 2,
     "merge": 1,
     "segment": 1,
     "trace": 1,
@@ -184,6 +184,11 @@ OUTPUT_VERSIONS: dict[str, int] = {
 # ---- results layout ---------------------------------------------------------------
 
 RESULTS = "results"
+
+
+def heat_chunk_name(chunk: int) -> str:
+    """The name of chunk ``chunk``'s heat file inside its job's folder (``Results.heat_job``)."""
+    return f"chunk_{chunk}.h5"
 
 
 @dataclass(frozen=True)
@@ -233,8 +238,13 @@ class Results:
     def label(self, vol: str = "{vol}") -> str:
         return f"{self.volume_dir(vol)}/label.h5"
 
-    def heat_chunk(self, vol: str = "{vol}", chunk: int | str = "{chunk}") -> str:
-        return f"{self.volume_dir(vol)}/heat/chunk_{chunk}.h5"
+    def heat_job(self, vol: str = "{vol}", job: int | str = "{job}") -> str:
+        """The folder infer job ``job`` writes: the heat files of its chunks (infer.chunks_per_job of them)."""
+        return f"{self.volume_dir(vol)}/heat/job_{job}"
+
+    def heat_chunk(self, vol: str, chunk: int, chunks_per_job: int = 1) -> str:
+        """Chunk ``chunk``'s heat file, in the folder of the job that writes it."""
+        return f"{self.heat_job(vol, chunk // chunks_per_job)}/{heat_chunk_name(chunk)}"
 
     def heat_block(self, vol: str = "{vol}", block: int | str = "{block}") -> str:
         return f"{self.volume_dir(vol)}/heat/block_{block}.h5"

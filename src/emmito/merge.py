@@ -1,6 +1,6 @@
 """Assemble the inference chunks of one segmentation block (plus its overlap).
 
-Each chunk file ``heat/chunk_{c}.h5`` holds slices [offset, offset + depth) of
+Each chunk file ``heat/job_{j}/chunk_{c}.h5`` holds slices [offset, offset + depth) of
 the volume. ``merge`` checks that the chunks given cover exactly the block's
 range from ``blocks.block_range`` and copies them, one chunk at a time, into
 ``heat/block_{b}.h5``. Memory use is one chunk.

@@ -4,15 +4,15 @@ Used by ``infer`` (one chunk of a volume on disk) and by training's validation
 and support set (whole volumes in memory), so that both see exactly the same
 windows, weights and augmentations.
 
-Sliding windows of ``model.patch`` lie on one global grid over the whole volume
-(per axis: a constant stride, the grid centred so that its slack is split
-between the two ends, where the volume is reflect-padded). A run of slices
-evaluates exactly the windows that touch it, each once, reading the image
-slices those windows need (its halo) and nothing else, and blends them with
-separable Gaussian weights. Every voxel therefore sees the same windows with
-the same inputs whatever the chunking, so chunked inference equals
-whole-volume inference (to float rounding of batched convolutions): no seams
-at chunk faces.
+Windows lie on one global grid over the whole volume (``emmito.tiling``: per
+axis a tile size, a border crop and a stride, valid regions anchored at the
+volume's first voxel; the volume is reflect-padded where windows reach past it).
+A run of slices evaluates exactly the windows whose valid region touches it,
+each once, reading the image slices those windows need (its halo) and nothing
+else, and blends their valid regions with separable Gaussian weights. Every
+voxel therefore sees the same windows with the same inputs whatever the
+chunking, so chunked inference equals whole-volume inference (to float
+rounding of batched convolutions): no seams at chunk faces.
 
 Three threads overlap the work around the network with the network itself:
 a reader reads the slices of the next row of windows (lazily, each slice once,
@@ -26,7 +26,6 @@ rows of windows and a few batches: never the volume's depth.
 
 from __future__ import annotations
 
-import math
 import queue
 import sys
 import threading
@@ -40,9 +39,9 @@ from tqdm import tqdm
 
 from emmito.model import heat_model
 from emmito.runtime import autocast
+from emmito.tiling import BLEND_EPSILON, Tiling, batch_windows, plan_tiling
 
-# Added to each 1D Gaussian so that a window's corners still count where nothing else covers a voxel.
-BLEND_EPSILON = 1e-3
+__all__ = ["BLEND_EPSILON", "Tiling", "predict_slices", "predict_volume", "predict_tiles", "to_heat", "tta_variants"]
 
 # How the uint8 input is normalised when a checkpoint does not say: (value - mean) / std.
 DEFAULT_INPUT_NORM = {"mean": 127.5, "std": 127.5}
@@ -57,28 +56,6 @@ _POLL_SECONDS = 0.05
 # ---- the window grid and its weights -------------------------------------------------
 
 
-def window_stride(patch: int, overlap: float) -> int:
-    """Stride (voxels) between neighbouring windows of ``patch`` voxels overlapping by the fraction ``overlap``."""
-    return max(1, math.floor(patch * (1.0 - overlap) + 1e-9))
-
-
-def window_starts(size: int, patch: int, stride: int) -> np.ndarray:
-    """Starts (int64, may be negative) of the windows covering ``size`` voxels along one axis.
-
-    The fewest windows at this stride that cover the axis; the slack is split
-    between both ends, so starts depend only on (size, patch, stride).
-    """
-    count = 1 if size <= patch else math.ceil((size - patch) / stride) + 1
-    span = (count - 1) * stride + patch
-    return np.arange(count, dtype=np.int64) * stride - (span - size) // 2
-
-
-def chunk_z_starts(depth: int, z_start: int, z_stop: int, patch_z: int, overlap: float) -> np.ndarray:
-    """Starts (int64) of the global grid's z-windows that touch slices [z_start, z_stop): the rows a chunk runs."""
-    grid = window_starts(depth, patch_z, window_stride(patch_z, overlap))
-    return grid[(grid < z_stop) & (grid + patch_z > z_start)]
-
-
 def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
     """Map virtual indices (any integer) into [0, size) by mirror reflection without repeating the edge (numpy 'reflect')."""
     if size == 1:
@@ -90,14 +67,6 @@ def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
 
 def _is_identity(index: np.ndarray, size: int) -> bool:
     return len(index) == size and bool(np.all(index == np.arange(size)))
-
-
-def blend_weights(patch: int, sigma_fraction: float) -> np.ndarray:
-    """1D Gaussian blending weights (float64, peak 1 + epsilon) for a window of ``patch`` voxels."""
-    centre = (patch - 1) / 2
-    sigma = max(sigma_fraction * patch, 1e-6)
-    positions = np.arange(patch, dtype=np.float64)
-    return np.exp(-0.5 * ((positions - centre) / sigma) ** 2) + BLEND_EPSILON
 
 
 def _axis_weight_sum(starts: np.ndarray, weights: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -122,14 +91,13 @@ class _Grid:
     """
 
     def __init__(
-        self, z_start: int, z_stop: int, patch: tuple[int, int, int], z_starts: np.ndarray, row_slices: list[np.ndarray],
-        height: int, width: int, overlap: float,
+        self, z_start: int, z_stop: int, tiling: Tiling, z_starts: np.ndarray, row_slices: list[np.ndarray], height: int, width: int
     ):
-        self.z_start, self.z_stop, self.patch = z_start, z_stop, patch
+        self.z_start, self.z_stop, self.tiling, self.patch = z_start, z_stop, tiling, tiling.tile
         self.z_starts, self.row_slices = z_starts, row_slices
         self.height, self.width = height, width
-        self.y_starts = window_starts(height, patch[1], window_stride(patch[1], overlap))
-        self.x_starts = window_starts(width, patch[2], window_stride(patch[2], overlap))
+        self.y_starts = tiling.y.starts(height)
+        self.x_starts = tiling.x.starts(width)
         self.y_origin, self.x_origin = int(self.y_starts[0]), int(self.x_starts[0])
         self.rows, self.per_row, self.columns = len(z_starts), len(self.y_starts) * len(self.x_starts), len(self.x_starts)
         self.window_count = self.rows * self.per_row
@@ -139,17 +107,24 @@ class _Grid:
         row, rest = divmod(index, self.per_row)
         return row, int(self.z_starts[row]), int(self.y_starts[rest // self.columns]), int(self.x_starts[rest % self.columns])
 
+    def valid(self, z: int, y: int, x: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """The valid region of the window starting at (z, y, x), clipped to the output: ((za, zb), (ya, yb), (xa, xb))."""
+        spans = []
+        for start, axis, lo, hi in ((z, self.tiling.z, self.z_start, self.z_stop), (y, self.tiling.y, 0, self.height), (x, self.tiling.x, 0, self.width)):
+            spans.append((max(start + axis.crop_lo, lo), min(start + axis.tile - axis.crop_hi, hi)))
+        return spans[0], spans[1], spans[2]
+
 
 def _plan_windows(
-    read_slices: Callable[[int, int], np.ndarray], depth: int, z_start: int, z_stop: int, patch: tuple[int, int, int], overlap: float
+    read_slices: Callable[[int, int], np.ndarray], depth: int, z_start: int, z_stop: int, tiling: Tiling
 ) -> tuple[_Grid, _SliceReader]:
     """The grid of slices [z_start, z_stop) and a reader holding its first row, padded to the grid's y/x extent."""
-    patch_z, patch_y, patch_x = patch
-    z_starts = chunk_z_starts(depth, z_start, z_stop, patch_z, overlap)
+    patch_z, patch_y, patch_x = tiling.tile
+    z_starts = tiling.z.starts(depth, z_start, z_stop)
     row_slices = [reflect_index(np.arange(z, z + patch_z), depth) for z in z_starts.tolist()]
     reader = _SliceReader(read_slices, row_slices)
     reader.load_row(0)  # the first row is read here: its size fixes the yx grid
-    grid = _Grid(z_start, z_stop, patch, z_starts, row_slices, reader.height, reader.width, overlap)
+    grid = _Grid(z_start, z_stop, tiling, z_starts, row_slices, reader.height, reader.width)
     # Slices are held padded to the grid's extent in y and x, reflected at the image's edges.
     reader.set_padding(
         reflect_index(np.arange(grid.y_origin, int(grid.y_starts[-1]) + patch_y), grid.height),
@@ -164,7 +139,7 @@ class _Weights:
 
     The grid is a product of 1D grids, so the summed weight is the product of
     1D sums (``total_z`` over the output's slices, ``total_yx`` over a slice,
-    float64): no 3D weight buffer.
+    float64): no 3D weight buffer. Weights are 0 on each window's crop.
     """
 
     window: torch.Tensor
@@ -173,10 +148,7 @@ class _Weights:
 
     @classmethod
     def of(cls, grid: _Grid, blend_sigma: float, device: torch.device) -> "_Weights":
-        patch_z, patch_y, patch_x = grid.patch
-        weight_z = blend_weights(patch_z, blend_sigma)
-        weight_y = blend_weights(patch_y, blend_sigma)
-        weight_x = blend_weights(patch_x, blend_sigma)
+        weight_z, weight_y, weight_x = (axis.weights(blend_sigma) for axis in grid.tiling.axes)
         window = torch.from_numpy(
             (weight_z[:, None, None] * weight_y[None, :, None] * weight_x[None, None, :]).astype(np.float32)
         ).to(device)
@@ -385,14 +357,24 @@ class _Queues:
         self.tiles_done = queue.Queue(maxsize=self.prefetch_batches)
 
 
+def _batch_starts(grid: _Grid, batch_size: int) -> list[int]:
+    """The first window of each batch: every row of windows cut into batches of ``batch_size`` from its start."""
+    return [row * grid.per_row + k for row in range(grid.rows) for k in range(0, grid.per_row, batch_size)]
+
+
 def _prepare_tiles(
     grid: _Grid, reader: _SliceReader, norm: dict[str, float], batch_size: int, device: torch.device, queues: _Queues
 ) -> None:
-    """The reader thread: cut batches of normalised float32 tiles (batch, 1, z, y, x) from the slices, in window order."""
+    """The reader thread: cut batches of normalised float32 tiles (batch, 1, z, y, x) from the slices, in window order.
+
+    Batches never span two rows of windows, so a row is batched the same whichever slices a job runs: a
+    convolution's float rounding depends on its batch, and chunks, jobs of chunks and the whole volume then
+    give the same bytes.
+    """
     patch_z, patch_y, patch_x = grid.patch
     y_origin, x_origin = grid.y_origin, grid.x_origin
-    for first in range(0, grid.window_count, batch_size):
-        count = min(batch_size, grid.window_count - first)
+    for first in _batch_starts(grid, batch_size):
+        count = min(batch_size, (first // grid.per_row + 1) * grid.per_row - first)
         tiles = np.empty((count, 1, patch_z, patch_y, patch_x), dtype=np.float32)
         for i in range(count):
             row, _, y, x = grid.window(first + i)
@@ -416,7 +398,6 @@ def _blend_tiles(
     result: dict[str, np.ndarray],
 ) -> None:
     """The writer thread: add weighted tiles into ``result["out"]``; normalise, clip and hand on slices as rows finish."""
-    patch_z, patch_y, patch_x = grid.patch
     z_start, z_stop, height, width = grid.z_start, grid.z_stop, grid.height, grid.width
     out: np.ndarray | None = None
     finished_until = z_start
@@ -427,13 +408,13 @@ def _blend_tiles(
             result["out"] = out
         for i, tile in enumerate(weighted):
             _, z, y, x = grid.window(first + i)
-            za, zb = max(z, z_start), min(z + patch_z, z_stop)
-            ya, yb = max(y, 0), min(y + patch_y, height)
-            xa, xb = max(x, 0), min(x + patch_x, width)
-            out[:, za - z_start : zb - z_start, ya:yb, xa:xb] += tile[:, za - z : zb - z, ya - y : yb - y, xa - x : xb - x]
+            (za, zb), (ya, yb), (xa, xb) = grid.valid(z, y, x)
+            if za < zb and ya < yb and xa < xb:
+                out[:, za - z_start : zb - z_start, ya:yb, xa:xb] += tile[:, za - z : zb - z, ya - y : yb - y, xa - x : xb - x]
         rows_done = (first + len(weighted)) // grid.per_row
-        # Slices below the first unfinished row's start get no more windows: normalise and hand them on.
-        limit = z_stop if rows_done == grid.rows else min(max(int(grid.z_starts[rows_done]), z_start), z_stop)
+        # Slices below the first unfinished row's valid region get no more windows: normalise and hand them on.
+        next_valid = int(grid.z_starts[rows_done]) + grid.tiling.z.crop_lo if rows_done < grid.rows else z_stop
+        limit = min(max(next_valid, z_start), z_stop)
         if limit > finished_until:
             for z in range(finished_until, limit):
                 out[:, z - z_start] /= (weights.total_z[z - z_start] * weights.total_yx).astype(np.float32)
@@ -503,7 +484,7 @@ def _run_pipeline(
     model.eval()
     reader_thread.start()
     writer_thread.start()
-    batches = -(-grid.window_count // batch_size)
+    batches = len(_batch_starts(grid, batch_size))
     _run_model(model, device, tta, weights, batches, progress, queues, reader_thread, writer_thread)
     for worker in (reader_thread, writer_thread):
         if worker.error is not None:
@@ -517,8 +498,7 @@ def predict_slices(
     depth: int,
     z_start: int,
     z_stop: int,
-    patch: tuple[int, int, int] | list[int],
-    overlap: float,
+    tiling: Tiling,
     batch_size: int,
     device: torch.device | str = "cpu",
     *,
@@ -528,19 +508,22 @@ def predict_slices(
     tta: int = 1,
     prefetch_batches: int = 2,
     on_slices: Callable[[int, np.ndarray], None] | None = None,
+    stats: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Blended sigmoid probabilities of slices [z_start, z_stop) of a volume of ``depth`` slices.
 
     ``read_slices(a, b)`` returns slices [a, b) (0 <= a < b <= depth) as (b - a, y, x)
     intensities on the 0-255 scale (uint8, or float32 after pooling); it is called
     from a reader thread, in increasing runs, each slice of the chunk plus its
-    halo once. ``patch`` is the window (z, y, x) in voxels, ``overlap`` the
-    fraction neighbouring windows share, ``blend_sigma`` the Gaussian sigma as a
-    fraction of the patch, ``tta`` the number of test-time augmentations (1 = off),
-    ``prefetch_batches`` the batches queued before and after the model.
-    ``on_slices(first, probabilities)``, if given, is called (from the writer
-    thread, in order) with each run of finished slices: ``first`` relative to
-    ``z_start``, float32 (channel, n, y, x) — a view; copy it to keep it.
+    halo once. ``tiling`` is the window grid (``emmito.tiling``; ``Tiling.of_patch``
+    for windows of the training patch), ``blend_sigma`` the Gaussian sigma as a
+    fraction of a window's valid region, ``tta`` the number of test-time
+    augmentations (1 = off), ``prefetch_batches`` the batches queued before and
+    after the model. ``on_slices(first, probabilities)``, if given, is called
+    (from the writer thread, in order) with each run of finished slices: ``first``
+    relative to ``z_start``, float32 (channel, n, y, x) — a view; copy it to keep it.
+    ``stats``, if given, receives ``windows``, ``voxels_in`` (voxels through the
+    network, test-time variants included) and ``voxels_out`` (voxels written).
     Returns float32 (channel, z_stop - z_start, y, x) in [0, 1].
     """
     if not 0 <= z_start < z_stop <= depth:
@@ -548,10 +531,14 @@ def predict_slices(
     tta_variants(tta)  # refuse a bad count before starting threads
     device = torch.device(device)
     norm = input_norm or DEFAULT_INPUT_NORM
-    patch_z, patch_y, patch_x = (int(p) for p in patch)
-    grid, reader = _plan_windows(read_slices, depth, z_start, z_stop, (patch_z, patch_y, patch_x), overlap)
+    grid, reader = _plan_windows(read_slices, depth, z_start, z_stop, tiling)
     weights = _Weights.of(grid, blend_sigma, device)
-    return _run_pipeline(model, grid, reader, weights, norm, batch_size, device, tta, prefetch_batches, progress, on_slices)
+    out = _run_pipeline(model, grid, reader, weights, norm, batch_size, device, tta, prefetch_batches, progress, on_slices)
+    if stats is not None:
+        stats["windows"] = stats.get("windows", 0) + grid.window_count
+        stats["voxels_in"] = stats.get("voxels_in", 0) + grid.window_count * int(np.prod(grid.patch)) * tta
+        stats["voxels_out"] = stats.get("voxels_out", 0) + (z_stop - z_start) * grid.height * grid.width
+    return out
 
 
 def to_heat(probabilities: np.ndarray) -> np.ndarray:
@@ -570,17 +557,18 @@ def predict_volume(
     """float32 (channel, z, y, x) heat in [0, 1] of every output channel (``model.output_channels``) of a whole
     in-memory (z, y, x) volume already at the inference scale, by ``infer``'s sliding window (``tta`` variants).
 
-    ``params``: the ``model`` and ``infer`` config sections (defaults filled); ``model`` is the bare network.
+    ``params``: the ``model`` and ``infer`` config sections (defaults filled); the windows are
+    ``tiling.plan_tiling``'s for them. ``model`` is the bare network.
     """
+    tiling = plan_tiling(params["model"], params["infer"], image.shape)
     return predict_slices(
         heat_model(model, params["model"]),
         lambda a, b: image[a:b],
         image.shape[0],
         0,
         image.shape[0],
-        params["model"]["patch"],
-        params["infer"]["tile_overlap"],
-        params["infer"]["batch_size"],
+        tiling,
+        batch_windows(params["model"], params["infer"], tiling),
         device,
         input_norm=input_norm,
         blend_sigma=params["infer"]["blend_sigma"],

@@ -172,7 +172,10 @@ def window_settings(model_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> dic
     ``VALIDATION_*`` settings and ``train.batch_size`` windows per network call (never the ``infer`` section)."""
     return {
         "model": model_cfg,
-        "infer": {"tile_overlap": VALIDATION_TILE_OVERLAP, "blend_sigma": VALIDATION_BLEND_SIGMA, "batch_size": train_cfg["batch_size"]},
+        "infer": {
+            "tile": "patch", "tile_overlap": VALIDATION_TILE_OVERLAP, "tile_crop": 0, "blend_sigma": VALIDATION_BLEND_SIGMA,
+            "batch_size": train_cfg["batch_size"], "tile_memory_mb": 2**20,
+        },
     }
 
 

@@ -27,10 +27,12 @@ from emmito import config, contract, embedding, tuning
 from emmito.io import EmmitoError, open_volume, volume_attrs
 from emmito.model import load_checkpoint, output_channels, pooling_for_volume, trained_model_config
 from emmito.prediction import predict_slices, to_heat
+from emmito.tiling import Tiling
 from emmito.resampling import mean_pool_xy, mode_pool_xy
 from emmito.runtime import pick_device, thread_count
 
-# Fixed prediction settings of tuning (as training's validation has its own).
+# Fixed prediction settings of tuning (as training's validation has its own): windows of the training
+# patch at half overlap, the most blended grid, whatever the infer section says.
 TILE_OVERLAP = 0.5
 TTA = 1
 
@@ -65,8 +67,8 @@ def predict_volume_heat(
         factor = pooling_for_volume(checkpoint, contract.voxel_size(volume_attrs(image)), image_path, checkpoint_path)
         z0, z1 = tuning.central_slices(image.shape[0], max_slices)
         probabilities = predict_slices(
-            model, lambda a, b: mean_pool_xy(image[a:b], factor), image.shape[0], z0, z1, patch,
-            TILE_OVERLAP, batch_size, device, input_norm=checkpoint.get(contract.CHECKPOINT_INPUT_NORM),
+            model, lambda a, b: mean_pool_xy(image[a:b], factor), image.shape[0], z0, z1, Tiling.of_patch(patch, TILE_OVERLAP),
+            batch_size, device, input_norm=checkpoint.get(contract.CHECKPOINT_INPUT_NORM),
             blend_sigma=config.section_defaults("infer")["blend_sigma"], progress=True, tta=TTA,
         )
         labels = mode_pool_xy(np.asarray(label[z0:z1], dtype=np.uint32), factor)

@@ -55,6 +55,10 @@ MATRIX = {
     "merge key": ({"merge": {"block_overlap": 3}}, jobs(DEPLOY, **FROM_MERGE)),
     "infer.tta": ({"infer": {"tta": 4}}, jobs(DEPLOY, **FROM_INFER)),
     "infer.tile_overlap": ({"infer": {"tile_overlap": 0.25}}, jobs(DEPLOY, **FROM_INFER)),
+    "infer.tile": ({"infer": {"tile": [8, 32, 32]}}, jobs(DEPLOY, **FROM_INFER)),
+    "infer.tile_memory_mb": ({"infer": {"tile_memory_mb": 64}}, jobs(DEPLOY, **FROM_INFER)),
+    # jobs of 3 chunks: 2 infer jobs; their folders are new, so merge and after rerun (to the same bytes)
+    "infer.chunks_per_job": ({"infer": {"chunks_per_job": 3}}, jobs(DEPLOY, **{**FROM_INFER, "infer": 2})),
     "a volume added to infer.volumes": (
         {"volumes": {"extra": EXTRA}, "infer": {"volumes": [DEPLOY, "extra"]}},
         jobs("extra", convert=1, convert_labels=1, infer=3, merge=2, segment=2, trace=1, **FROM_UPSAMPLE, **FROM_EVALUATE),

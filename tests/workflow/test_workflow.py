@@ -43,12 +43,28 @@ def test_final_outputs(project):
 
 
 def test_chunks_and_blocks_all_ran(project):
-    heat = sorted((project / "results/deploy/heat").glob("chunk_*.h5"))
+    heat = sorted((project / "results/deploy/heat").glob("job_*/chunk_*.h5"))
     blocks = sorted((project / "results/deploy/seg").glob("block_*.h5"))
-    assert len(heat) == 5  # 20 slices in chunks of 4
+    assert len(heat) == 5  # 20 slices in chunks of 4, one per job (infer.chunks_per_job 1)
+    assert [p.parent.name for p in heat] == [f"job_{c}" for c in range(5)]
     assert len(blocks) == 3  # 20 slices in blocks of 8
     for rule in ("convert", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate"):
         assert list((project / "results").rglob(f"*{rule}*")), f"no log or benchmark of rule {rule}"
+
+
+def test_jobs_of_three_chunks_give_the_same_heat_blocks(project, tmp_path):
+    """infer.chunks_per_job 3: two infer jobs instead of five, and merge's blocks are the same bytes."""
+    copy = tmp_path / "cpj3"
+    shutil.copytree(project, copy, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    (copy / "jobs.yaml").write_text("infer:\n  chunks_per_job: 3\n")
+    blocks = [f"results/deploy/heat/block_{b}.h5" for b in range(3)]
+    result = snakemake(copy, "--cores", "2", "--configfile", "config.yaml", "jobs.yaml", "--forcerun", "infer", *blocks)
+    assert result.stderr.count("rule infer:") == 2, result.stderr[-3000:]
+    jobs = sorted(p.relative_to(copy / "results/deploy/heat").as_posix() for p in (copy / "results/deploy/heat").glob("job_*/chunk_*.h5"))
+    assert "job_0/chunk_2.h5" in jobs and "job_1/chunk_4.h5" in jobs
+    for block in blocks:
+        with h5py.File(project / block) as one, h5py.File(copy / block) as three:
+            assert np.array_equal(one["main"][...], three["main"][...]), block
 
 
 def test_dry_run_after_completion_has_nothing_to_do(project):
