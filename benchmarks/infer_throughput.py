@@ -51,10 +51,11 @@ from emmito import __version__, blocks, contract, infer, prediction, runtime
 from emmito.config import section_defaults
 from emmito.io import create_volume, open_volume
 from emmito.model import build_model, output_channels
+from emmito.tiling import PATCH_GRID
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"demo": REPO / "config.yaml", "cdeep3m": REPO / "configs" / "cdeep3m.yaml"}
-OLD = {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}
+OLD = PATCH_GRID
 
 
 def write_image(path: Path, depth: int, size: int, seed: int = 0) -> None:

@@ -59,7 +59,7 @@ from emmito.model import embedding_dim, load_checkpoint, parameter_count  # noqa
 from emmito.prediction import TTA_COUNTS, predict_volume, to_heat  # noqa: E402
 from emmito.resampling import mean_pool_xy, pool_pair, upsample_labels  # noqa: E402
 from emmito.runtime import thread_count  # noqa: E402
-from emmito.tiling import plan_tiling  # noqa: E402
+from emmito.tiling import PATCH_GRID, plan_tiling  # noqa: E402
 from emmito.train import support_set, train_model, training_embeddings  # noqa: E402
 
 DECODERS = ("auto", "heat_watershed", "bc_watershed", "embedding_cluster", "nearest_neighbour")
@@ -97,7 +97,7 @@ def tune_on_training(model: torch.nn.Module, train: tuple, params: dict, channel
     overlap ``tune.TILE_OVERLAP``, test-time augmentation ``tune.TTA``), the
     labels mode-pooled to the inference scale; ``tuning.tune`` does the rest.
     """
-    tune_params = {**params, "infer": {**params["infer"], "tile": "patch", "tile_overlap": tune.TILE_OVERLAP, "tile_crop": 0}}
+    tune_params = {**params, "infer": {**params["infer"], **PATCH_GRID, "tile_overlap": tune.TILE_OVERLAP}}
     heat = predict_heat(model, train[0], tune_params, input_norm, tta=tune.TTA)
     labels = pool_pair(train[0][:1], train[1], factor(params))[1]
     volume = tuning.TuneVolume("cdeep3m_train", dict(zip(channels, heat)), labels, (0, len(labels)))
@@ -130,8 +130,7 @@ def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image:
         print(f"| {size} | {k} | {iou:.3f} | {time.perf_counter() - tic:.1f} |", flush=True)
 
 
-# The window grid of releases before 0.6: the training patch at half overlap, no crop.
-OLD_TILING = {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}
+OLD_TILING = PATCH_GRID
 
 
 def with_tiling(params: dict, tiling: dict) -> dict:

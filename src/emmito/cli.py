@@ -294,8 +294,7 @@ def _run_verb(args: argparse.Namespace) -> int:
             sys.unraisablehook = _ignore_unraisable
             terminated = True
         if terminated:
-            gc.collect()
-            sys.unraisablehook = previous_hook
+            gc.collect()  # still under the quiet hook; the finally below restores it
             print(f"emmito {args.verb}: terminated (SIGTERM): no partial output was kept; rerun the job", file=sys.stderr)
             return 128 + signal.SIGTERM
     finally:

@@ -11,8 +11,8 @@ A run of slices evaluates exactly the windows whose valid region touches it,
 each once, reading the image slices those windows need (its halo) and nothing
 else, and blends their valid regions with separable Gaussian weights. Every
 voxel therefore sees the same windows with the same inputs whatever the
-chunking, so chunked inference equals whole-volume inference (to float
-rounding of batched convolutions): no seams at chunk faces.
+chunking, batched alike (a batch never spans two rows of windows), so chunked
+inference gives the bytes of whole-volume inference: no seams at chunk faces.
 
 Three threads overlap the work around the network with the network itself:
 a reader reads the slices of the next row of windows (lazily, each slice once,

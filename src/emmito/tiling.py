@@ -40,6 +40,11 @@ from typing import Any
 import numpy as np
 
 from emmito.io import EmmitoError
+from emmito.model import check_patch, level_settings, patch_divisors
+
+# The grid of releases before 0.6, which training's validation and the tune rule keep: windows of the
+# training patch at half overlap, no crop (infer section keys).
+PATCH_GRID = {"tile": "patch", "tile_overlap": 0.5, "tile_crop": 0}
 
 # Added to each 1D Gaussian so that a window's corners still count where nothing else covers a voxel.
 BLEND_EPSILON = 1e-3
@@ -85,10 +90,7 @@ class AxisTiling:
     @classmethod
     def of(cls, tile: int, overlap: float, crop: int) -> "AxisTiling":
         """A tile of ``tile`` voxels, ``crop`` cropped from each side, valid regions sharing the fraction ``overlap``."""
-        inner = tile - 2 * crop
-        if inner < 1:
-            raise EmmitoError(f"infer.tile_crop {crop} on each side leaves nothing of a {tile}-voxel tile: lower it or raise infer.tile")
-        return cls(tile, max(1, math.floor(inner * (1.0 - overlap) + 1e-9)), crop, crop)
+        return cls(tile, max(1, math.floor((tile - 2 * crop) * (1.0 - overlap) + 1e-9)), crop, crop)
 
     @property
     def inner(self) -> int:
@@ -165,8 +167,6 @@ def window_bytes(model_cfg: dict[str, Any], tile: Sequence[int], channels: int =
     (probabilities and the running test-time-augmentation mean). float32; under
     CUDA autocast the real figure is lower.
     """
-    from emmito.model import level_settings
-
     filters = list(model_cfg["filters"])
     pool_z_from = level_settings(model_cfg)[1]
     voxels = float(math.prod(int(t) for t in tile))
@@ -216,8 +216,6 @@ def plan_tiling(model_cfg: dict[str, Any], infer_cfg: dict[str, Any], shape: Seq
     ``model.patch``: the grid of releases before 0.6), or [z, y, x].
     ``infer.tile_overlap`` and ``infer.tile_crop``: one value for every axis or [z, y, x].
     """
-    from emmito.model import check_patch, patch_divisors
-
     overlaps = [float(o) for o in _triple(infer_cfg["tile_overlap"], "infer.tile_overlap")]
     crops = [int(c) for c in _triple(infer_cfg["tile_crop"], "infer.tile_crop")]
     setting = infer_cfg["tile"]

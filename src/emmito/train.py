@@ -89,6 +89,7 @@ from emmito.prediction import DEFAULT_INPUT_NORM, predict_volume, to_heat
 from emmito.resampling import POOLING_TOLERANCE, pool_pair, pooling_mismatch
 from emmito.runtime import autocast, pick_device, thread_count
 from emmito.targets import make_target
+from emmito.tiling import PATCH_GRID
 
 GRADIENT_CLIP_NORM = 1.0
 
@@ -173,7 +174,7 @@ def window_settings(model_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> dic
     return {
         "model": model_cfg,
         "infer": {
-            "tile": "patch", "tile_overlap": VALIDATION_TILE_OVERLAP, "tile_crop": 0, "blend_sigma": VALIDATION_BLEND_SIGMA,
+            **PATCH_GRID, "tile_overlap": VALIDATION_TILE_OVERLAP, "blend_sigma": VALIDATION_BLEND_SIGMA,
             "batch_size": train_cfg["batch_size"], "tile_memory_mb": 2**20,
         },
     }
