@@ -133,6 +133,36 @@ def support_table(model: torch.nn.Module, checkpoint: dict, train: tuple, image:
 OLD_TILING = PATCH_GRID
 
 
+def foreground_iou(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str]) -> float | None:
+    """Voxel IoU of the thresholded foreground channel (before any decoder) against the labels, at the inference scale."""
+    if "foreground" not in channels:
+        return None  # a skeleton_distance model: no foreground probability to threshold
+    name, key = "foreground", "bc_foreground" if "contour" in channels else "foreground_threshold"
+    predicted = heat[channels.index(name)] >= params["segment"][key]
+    truth = pool_pair(gt[:1].astype(np.uint8), gt, factor(params))[1] > 0
+    return np.count_nonzero(predicted & truth) / max(1, np.count_nonzero(predicted | truth))
+
+
+def compare_tiling(name: str, model, image, gt, new_heat, params: dict, channels: list[str], input_norm, support) -> None:
+    """Print, for the old window grid and the config's, the thresholded-foreground IoU, the decoded IoU without
+    segment.max_area_2d and the IoU, F1 and 2D F1 with the config's segment settings (the same for both)."""
+    old_heat = predict_heat(model, image, with_tiling(params, OLD_TILING), input_norm)
+    grids = {"old grid (patch, overlap 0.5, no crop)": old_heat,
+             f"new grid ({params['infer']['tile']}, overlap {params['infer']['tile_overlap']}, crop {params['infer']['tile_crop']})": new_heat}
+    ious = []
+    for label, heat in grids.items():
+        scored = score_heat(heat, gt, params, channels, params["segment"], support)
+        plain = score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
+        fg = foreground_iou(heat, gt, params, channels)
+        ious.append((fg, plain["voxel_iou"], scored["voxel_iou"]))
+        print(f"{name} {label}: foreground iou {fg if fg is None else round(fg, 4)}; without max_area_2d iou "
+              f"{plain['voxel_iou']:.4f} f1 {plain['instance_f1']:.4f}; with it iou {scored['voxel_iou']:.4f} "
+              f"f1 {scored['instance_f1']:.4f} f1_2d {scored['f1_2d']:.4f}")
+    difference = np.abs(old_heat.astype(np.int16) - new_heat.astype(np.int16)).mean()
+    print(f"{name} new - old: foreground iou {(ious[1][0] or 0) - (ious[0][0] or 0):+.4f}, iou without max_area_2d "
+          f"{ious[1][1] - ious[0][1]:+.4f}, with it {ious[1][2] - ious[0][2]:+.4f}; mean |heat difference| {difference:.2f} grey levels")
+
+
 def with_tiling(params: dict, tiling: dict) -> dict:
     return {**params, "infer": {**params["infer"], **tiling}}
 
@@ -245,12 +275,7 @@ def main() -> None:
         heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
         results[name] = score_heat(heat, gt, params, channels, params["segment"], support)
         if args.compare_tiling:
-            old = score_heat(predict_heat(model, image, with_tiling(params, OLD_TILING), checkpoint.get("input_norm")),
-                             gt, params, channels, params["segment"], support)
-            print(f"{name} old grid (patch, overlap 0.5, no crop): iou {old['voxel_iou']:.4f} f1 {old['instance_f1']:.4f} "
-                  f"f1_2d {old['f1_2d']:.4f}; new grid ({params['infer']['tile']}, overlap {params['infer']['tile_overlap']}, "
-                  f"crop {params['infer']['tile_crop']}): iou {results[name]['voxel_iou']:.4f} f1 {results[name]['instance_f1']:.4f} "
-                  f"f1_2d {results[name]['f1_2d']:.4f}; iou difference {results[name]['voxel_iou'] - old['voxel_iou']:+.4f}")
+            compare_tiling(name, model, image, gt, heat, params, channels, checkpoint.get("input_norm"), support)
         if params["segment"]["max_area_2d"]:
             unfiltered = score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
             print(f"{name} without max_area_2d: iou {unfiltered['voxel_iou']:.4f} f1 {unfiltered['instance_f1']:.4f} "
