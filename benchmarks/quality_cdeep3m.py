@@ -57,7 +57,7 @@ from emmito.io import list_slices, read_png_slice, write_json  # noqa: E402
 from emmito.metrics import evaluate_arrays  # noqa: E402
 from emmito.model import embedding_dim, load_checkpoint, parameter_count  # noqa: E402
 from emmito.prediction import TTA_COUNTS, predict_volume, to_heat  # noqa: E402
-from emmito.resampling import mean_pool_xy, pool_pair, upsample_labels  # noqa: E402
+from emmito.resampling import mean_pool_xy, mode_pool_xy, pool_pair, upsample_labels  # noqa: E402
 from emmito.runtime import thread_count  # noqa: E402
 from emmito.tiling import PATCH_GRID, plan_tiling  # noqa: E402
 from emmito.train import support_set, train_model, training_embeddings  # noqa: E402
@@ -134,33 +134,40 @@ OLD_TILING = PATCH_GRID
 
 
 def foreground_iou(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str]) -> float | None:
-    """Voxel IoU of the thresholded foreground channel (before any decoder) against the labels, at the inference scale."""
+    """Voxel IoU of the thresholded foreground channel (before any decoder) against the labels, at the inference scale;
+    None for a model without one (skeleton_distance)."""
     if "foreground" not in channels:
-        return None  # a skeleton_distance model: no foreground probability to threshold
-    name, key = "foreground", "bc_foreground" if "contour" in channels else "foreground_threshold"
-    predicted = heat[channels.index(name)] >= params["segment"][key]
-    truth = pool_pair(gt[:1].astype(np.uint8), gt, factor(params))[1] > 0
+        return None
+    key = "bc_foreground" if "contour" in channels else "foreground_threshold"
+    predicted = heat[channels.index("foreground")] >= params["segment"][key]
+    truth = mode_pool_xy(gt, factor(params)) > 0
     return np.count_nonzero(predicted & truth) / max(1, np.count_nonzero(predicted | truth))
 
 
-def compare_tiling(name: str, model, image, gt, new_heat, params: dict, channels: list[str], input_norm, support) -> None:
-    """Print, for the old window grid and the config's, the thresholded-foreground IoU, the decoded IoU without
-    segment.max_area_2d and the IoU, F1 and 2D F1 with the config's segment settings (the same for both)."""
-    old_heat = predict_heat(model, image, with_tiling(params, OLD_TILING), input_norm)
-    grids = {"old grid (patch, overlap 0.5, no crop)": old_heat,
-             f"new grid ({params['infer']['tile']}, overlap {params['infer']['tile_overlap']}, crop {params['infer']['tile_crop']})": new_heat}
-    ious = []
-    for label, heat in grids.items():
-        scored = score_heat(heat, gt, params, channels, params["segment"], support)
-        plain = score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
+def score_with_and_without_filter(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[str], support=None) -> tuple[dict, dict]:
+    """(scores with the config's segment settings, scores with segment.max_area_2d off): the same dict when it is off."""
+    scored = score_heat(heat, gt, params, channels, params["segment"], support)
+    if not params["segment"]["max_area_2d"]:
+        return scored, scored
+    return scored, score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
+
+
+def compare_tiling(name: str, grids: dict[str, tuple[np.ndarray, dict, dict]], params: dict, channels: list[str], gt: np.ndarray) -> None:
+    """Print, per grid (label -> (heat, scores, scores without max_area_2d), old grid first), the thresholded-foreground
+    IoU, the decoded IoU without segment.max_area_2d and the IoU, F1 and 2D F1 with the config's segment settings."""
+    rows = []
+    for label, (heat, scored, plain) in grids.items():
         fg = foreground_iou(heat, gt, params, channels)
-        ious.append((fg, plain["voxel_iou"], scored["voxel_iou"]))
-        print(f"{name} {label}: foreground iou {fg if fg is None else round(fg, 4)}; without max_area_2d iou "
+        rows.append((fg, plain["voxel_iou"], scored["voxel_iou"]))
+        print(f"{name} {label}: foreground iou {'n/a' if fg is None else f'{fg:.4f}'}; without max_area_2d iou "
               f"{plain['voxel_iou']:.4f} f1 {plain['instance_f1']:.4f}; with it iou {scored['voxel_iou']:.4f} "
               f"f1 {scored['instance_f1']:.4f} f1_2d {scored['f1_2d']:.4f}")
+    (old_heat, *_), (new_heat, *_) = grids.values()
+    (old_fg, *old), (new_fg, *new) = rows
+    fg_change = "n/a" if old_fg is None else f"{new_fg - old_fg:+.4f}"
     difference = np.abs(old_heat.astype(np.int16) - new_heat.astype(np.int16)).mean()
-    print(f"{name} new - old: foreground iou {(ious[1][0] or 0) - (ious[0][0] or 0):+.4f}, iou without max_area_2d "
-          f"{ious[1][1] - ious[0][1]:+.4f}, with it {ious[1][2] - ious[0][2]:+.4f}; mean |heat difference| {difference:.2f} grey levels")
+    print(f"{name} new - old: foreground iou {fg_change}, iou without max_area_2d {new[0] - old[0]:+.4f}, "
+          f"with it {new[1] - old[1]:+.4f}; mean |heat difference| {difference:.2f} grey levels")
 
 
 def with_tiling(params: dict, tiling: dict) -> dict:
@@ -273,11 +280,15 @@ def main() -> None:
     for name, folder in (("v2018", args.data / "v2018" / "validation"), ("v2020", args.data / "v2020" / "validation")):
         image, gt = load_stack(folder)
         heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
-        results[name] = score_heat(heat, gt, params, channels, params["segment"], support)
+        results[name], unfiltered = score_with_and_without_filter(heat, gt, params, channels, support)
         if args.compare_tiling:
-            compare_tiling(name, model, image, gt, heat, params, channels, checkpoint.get("input_norm"), support)
+            old_heat = predict_heat(model, image, with_tiling(params, OLD_TILING), checkpoint.get("input_norm"))
+            infer_cfg = params["infer"]
+            compare_tiling(name, {
+                "old grid (patch, overlap 0.5, no crop)": (old_heat, *score_with_and_without_filter(old_heat, gt, params, channels, support)),
+                f"new grid ({infer_cfg['tile']}, overlap {infer_cfg['tile_overlap']}, crop {infer_cfg['tile_crop']})": (heat, results[name], unfiltered),
+            }, params, channels, gt)
         if params["segment"]["max_area_2d"]:
-            unfiltered = score_heat(heat, gt, params, channels, {**params["segment"], "max_area_2d": 0}, support)
             print(f"{name} without max_area_2d: iou {unfiltered['voxel_iou']:.4f} f1 {unfiltered['instance_f1']:.4f} "
                   f"f1_2d {unfiltered['f1_2d']:.4f} precision {unfiltered['voxel_precision']:.4f}")
         write_json(out_dir / f"metrics_{name}.json", results[name])
