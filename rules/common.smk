@@ -1,6 +1,7 @@
 # Everything that is not a rule: config validation, chunk/block arithmetic, input functions.
-# Parse-time work stays cheap because every cluster job parses this again: one directory
-# listing and one slice header (or a container's metadata) per volume, no image decoding.
+# Parse-time work stays cheap because every cluster job parses this again: per volume, two
+# stat calls while its slice folder is unchanged (one listing and one header the first time)
+# or a container's metadata; no image decoding, and no work that grows with the slice count.
 # Every path pattern comes from emmito.contract.Results (R), the cutting into chunks and
 # blocks from emmito.blocks.Layout (LAYOUT), each rule's params from the schema's x-stages
 # (stage_params below).
@@ -18,13 +19,15 @@ from emmito.blocks import Layout
 from emmito.contract import DOWNSAMPLE_XY, OUTPUT_VERSIONS, Results
 from emmito.contract import decoder_settings_beside, support_set_beside
 from emmito.io import EmmitoError
-from emmito.sources import describe as describe_source
+from emmito.sources import describe_cached
 from emmito.sources import slab_slices
 from snakemake.exceptions import WorkflowError
 
+R = Results()
 try:
     # Fills Snakemake's config in place; VALIDATED also knows which keys the user set.
-    VALIDATED = emmito_config.validate(config, source="config")
+    # Remembered under R.parse_cache() for an unchanged config: every cluster job parses this.
+    VALIDATED = emmito_config.validate_cached(config, R.parse_cache())
 except EmmitoError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -35,7 +38,6 @@ wildcard_constraints:
     block=r"\d+",
 
 
-R = Results()
 MODEL = config["model"]["name"]
 LAYOUT = Layout.from_config(config)
 CHUNKS_PER_JOB = config["infer"]["chunks_per_job"]
@@ -86,13 +88,15 @@ if TRAINS and config["segment"]["decoder"] in EMBEDDING_DECODERS and not EMBEDDI
 
 @cache
 def volume_source(vol, kind="images"):
-    """What volumes.<vol>.<kind> holds (emmito.sources.describe): depth, height, width, input files.
+    """What volumes.<vol>.<kind> holds (emmito.sources.describe_cached): depth, height, width, input files.
 
-    Slices: one directory listing and one header; TIFF stacks, HDF5, zarr, N5: their metadata.
+    Slices: one directory listing and one header the first time, then two stat calls while
+    the folder is unchanged (the listing is remembered under R.parse_cache()); TIFF stacks,
+    HDF5, zarr, N5: their metadata.
     """
     where = str(config["volumes"][vol][kind])
     try:
-        return describe_source(where)
+        return describe_cached(where, R.parse_cache())
     except EmmitoError as exc:
         if where.startswith("data/demo/") and not os.path.exists("data/demo/.done"):
             raise WorkflowError(
@@ -102,8 +106,8 @@ def volume_source(vol, kind="images"):
         raise WorkflowError(f"volumes.{vol}.{kind}: {exc}") from None
 
 
-def slice_files(vol, kind="images"):
-    """The files a volume's images (or labels) are read from: its slices in z order, or one stack / container."""
+def source_files(vol, kind="images"):
+    """What convert takes as input: a slice folder (not each slice: the DAG stays small), or one stack / container."""
     return list(volume_source(vol, kind).files)
 
 
@@ -165,7 +169,7 @@ def all_outputs():
 
 
 def convert_images(wildcards):
-    return slice_files(wildcards.vol)
+    return source_files(wildcards.vol)
 
 
 def convert_labels(wildcards):
@@ -173,7 +177,7 @@ def convert_labels(wildcards):
         raise WorkflowError(
             f"{R.label(wildcards.vol)} was requested but volumes.{wildcards.vol} has no 'labels': add them to the config"
         )
-    return slice_files(wildcards.vol) + slice_files(wildcards.vol, "labels")
+    return source_files(wildcards.vol) + source_files(wildcards.vol, "labels")
 
 
 def train_inputs(wildcards):

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from tinyproject import blob_volume
+
 from emmito import io
 from emmito.cli import main
 from emmito.contract import fixture
@@ -28,16 +30,7 @@ TRAIN = {"iterations": 3, "batch_size": 2, "val_every": 2, "warmup_iterations": 
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory) -> dict[str, Path]:
     """A 12-slice image with two labelled blobs, as image.h5 / label.h5, plus a validation pair."""
-    folder = tmp_path_factory.mktemp("det")
-    z, y, x = np.indices((12, 32, 32))
-    label = np.zeros((12, 32, 32), np.uint32)
-    label[((y - 10) ** 2 + (x - 10) ** 2 < 30) & (z > 1) & (z < 9)] = 1
-    label[((y - 22) ** 2 + (x - 21) ** 2 < 40) & (z > 3)] = 2
-    rng = np.random.default_rng(0)
-    image = np.clip(120 + 80 * (label > 0) + rng.normal(0, 20, label.shape), 0, 255).astype(np.uint8)
-    for name, data in (("image", image), ("label", label)):
-        fixture(folder / f"{name}.h5", name, data, voxel_size=[40, 8, 8])
-    return {"image": folder / "image.h5", "label": folder / "label.h5"}
+    return blob_volume(tmp_path_factory.mktemp("det"))
 
 
 def train_cli(volume: dict[str, Path], out: Path, seed: int = 0, threads: int = 1) -> Path:

@@ -24,6 +24,8 @@ BASE_PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
 CI_PROFILE = REPO / "tests" / "slurm" / "profile" / "config.v8+.yaml"
 SLURM_PROFILES = ("--profile", "profiles/slurm", "--profile", "tests/slurm/profile")
 GPU_RULES = {"train", "infer", "tune"}
+# Rules whose GPU count the rule itself sets (train: train.devices), which the profile must not pin.
+GPU_COUNT_FROM_RULE = {"train"}
 CORE_RULES = {"convert", "train", "infer", "merge", "segment", "trace", "upsample", "evaluate"}
 # Bounds for a whole run on the CI cluster; `timeout -k` because snakemake waits for its
 # running cluster jobs on SIGTERM (and with a broken status command it would wait for ever).
@@ -39,15 +41,17 @@ def _python_literal(value: str) -> str:
     return value.strip("'\"")
 
 
-def _gpu_rules_declared() -> set[str]:
-    """Rules in rules/*.smk whose resources ask for a GPU."""
-    rules = set()
+def _gpu_resources_declared() -> dict[str, str]:
+    """Rules in rules/*.smk whose resources ask for a GPU: {rule: the gpu resource's expression}."""
+    rules = {}
     for smk in sorted((REPO / "rules").glob("*.smk")):
         # Rules may sit inside an `if` (train, tune): match them at any indentation.
         for block in re.split(r"^(?=\s*rule \w+:)", smk.read_text(), flags=re.M):
             match = re.match(r"\s*rule (\w+):", block)
-            if match and re.search(r"^\s+gpu\s*=\s*[1-9]", block, flags=re.M):
-                rules.add(match.group(1))
+            # A count ([1-9]...) or a name (train's TRAIN_DEVICES), never 0.
+            resource = re.search(r"^\s+gpu\s*=\s*([1-9]\d*|[A-Za-z_]\w*)\s*,", block, flags=re.M)
+            if match and resource:
+                rules[match.group(1)] = resource.group(1)
     return rules
 
 
@@ -61,10 +65,15 @@ def test_profile_routes_the_gpu_rules_to_the_gpu_partition():
         if "slurm_partition" in resources and _python_literal(resources["slurm_partition"]) != cpu_partition
     }
     assert routed_to_gpu == GPU_RULES
-    for rule in GPU_RULES:
-        assert base["set-resources"][rule]["gpu"] == 1
+    declared = _gpu_resources_declared()
+    for rule in GPU_RULES - GPU_COUNT_FROM_RULE:
+        assert base["set-resources"][rule]["gpu"] == 1 and declared[rule] == "1", rule
+    for rule in GPU_COUNT_FROM_RULE:
+        # The profile would override the rule's count (train.devices): it leaves it alone.
+        assert "gpu" not in base["set-resources"][rule], f"the profile pins {rule}'s gpu; the rule sets it"
+    assert declared["train"] == "TRAIN_DEVICES"
     # The profile and the rules must agree on which rules need a GPU.
-    assert _gpu_rules_declared() == GPU_RULES
+    assert set(declared) == GPU_RULES
 
 
 def test_ci_overlay_keeps_the_real_routing():

@@ -62,6 +62,25 @@ def test_every_format_reads_back_what_was_written(tmp_path, name):
         assert np.array_equal(source.read(6, 7), volume[6:7])
 
 
+def test_a_slice_folder_is_listed_once_then_remembered_until_it_changes(tmp_path, monkeypatch):
+    folder = tiff_slices(tmp_path / "tif", VOLUME8)
+    cache = tmp_path / "results" / ".listings"
+    first = sources.describe_cached(folder, cache)
+    assert (first.depth, first.height, first.width, first.dtype) == (7, 12, 20, "uint8")
+    assert first.files == (folder,)  # convert's one input: the folder, not 7 (or 100,000) slices
+    listed = []
+    real = sources.slice_paths
+    monkeypatch.setattr(sources, "slice_paths", lambda where: listed.append(where) or real(where))
+    assert sources.describe_cached(folder, cache) == first and listed == []  # remembered: no listing
+    tifffile.imwrite(f"{folder}/slice_007.tif", VOLUME8[0])  # a slice added changes the folder
+    assert sources.describe_cached(folder, cache).depth == 8 and len(listed) == 1
+    (tmp_path / "tif" / "slice_003.tif").unlink()  # a gap: the one-line error, not the remembered depth
+    with pytest.raises(EmmitoError, match="slice number 3 is missing"):
+        sources.describe_cached(folder, cache)
+    hdf5_spec = hdf5(tmp_path / "em.h5", "raw", VOLUME8)
+    assert sources.describe_cached(hdf5_spec, cache) == describe(hdf5_spec)  # containers: their metadata as before
+
+
 def test_input_files_are_the_slices_or_the_one_container(tmp_path):
     folder = tiff_slices(tmp_path / "tif", VOLUME8)
     assert input_files(folder) == [f"{folder}/slice_{z:03d}.tif" for z in range(7)]

@@ -85,3 +85,20 @@ def snakemake(
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def blob_volume(folder: Path) -> dict[str, Path]:
+    """A 12-slice image with two labelled blobs in ``folder``, as image.h5 / label.h5 (training tests)."""
+    import numpy as np
+
+    from emmito.contract import fixture
+
+    z, y, x = np.indices((12, 32, 32))
+    label = np.zeros((12, 32, 32), np.uint32)
+    label[((y - 10) ** 2 + (x - 10) ** 2 < 30) & (z > 1) & (z < 9)] = 1
+    label[((y - 22) ** 2 + (x - 21) ** 2 < 40) & (z > 3)] = 2
+    rng = np.random.default_rng(0)
+    image = np.clip(120 + 80 * (label > 0) + rng.normal(0, 20, label.shape), 0, 255).astype(np.uint8)
+    for name, data in (("image", image), ("label", label)):
+        fixture(folder / f"{name}.h5", name, data, voxel_size=[40, 8, 8])
+    return {"image": folder / "image.h5", "label": folder / "label.h5"}

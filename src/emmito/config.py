@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
 
-from emmito import contract
-from emmito.io import EmmitoError
+from emmito import __version__, contract
+from emmito.io import EmmitoError, atomic_path
+
+if TYPE_CHECKING:
+    import jsonschema
 
 SCHEMA_FILE = "config.schema.yaml"
 STAGES_KEY = "x-stages"  # the schema annotation: the stages whose output a key changes
@@ -63,8 +67,13 @@ class Validated(dict):
 
 @functools.cache
 def schema() -> dict[str, Any]:
-    """The parsed config schema (JSON Schema draft 2020-12)."""
-    return yaml.safe_load(resources.files("emmito").joinpath(SCHEMA_FILE).read_text())
+    """The parsed config schema (JSON Schema draft 2020-12).
+
+    With libyaml's C loader where PyYAML has it: every cluster job parses the workflow,
+    which validates the config, and the pure-Python loader takes ~0.25 s for the schema.
+    """
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(resources.files("emmito").joinpath(SCHEMA_FILE).read_text(), Loader=loader)  # noqa: S506 (a safe loader)
 
 
 def explicit_keys(raw: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
@@ -84,6 +93,8 @@ def explicit_keys(raw: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
 
 
 def _default_filling_validator() -> type:
+    import jsonschema  # here, not at the top: a workflow parse that finds its config validated before never needs it
+
     base = jsonschema.Draft202012Validator
     validate_properties = base.VALIDATORS["properties"]
 
@@ -195,6 +206,40 @@ def validate(config: dict[str, Any], source: str = "config", explicit: Iterable[
     validated = validate_sections(config, source, explicit)
     _check_blocks(validated, source)
     _check_volume_names(validated, source)
+    return validated
+
+
+def validate_cached(config: dict[str, Any], cache_folder: str | Path, source: str = "config") -> Validated:
+    """``validate``, remembered in ``cache_folder`` for the same config, schema and package version.
+
+    Every cluster job parses the workflow, which validates its config; the second
+    and later parses of an unchanged config read the filled-in result (and the keys the
+    user set) from a small JSON file instead. ``config`` is filled in place, as
+    ``validate`` does. A config that JSON cannot hold exactly is validated every time.
+    """
+    try:
+        text = json.dumps(config, sort_keys=True)
+    except (TypeError, ValueError):
+        return validate(config, source)
+    schema_text = resources.files("emmito").joinpath(SCHEMA_FILE).read_bytes()
+    key = hashlib.sha256(text.encode() + b"\0" + schema_text + b"\0" + __version__.encode()).hexdigest()
+    cache = Path(cache_folder) / f"config-{key[:24]}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            config.clear()
+            config.update(saved["config"])
+            return Validated(config, saved["explicit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    validated = validate(config, source)
+    try:
+        filled = json.dumps({"key": key, "config": dict(validated), "explicit": sorted(validated.explicit)})
+        if json.loads(filled)["config"] == dict(validated):  # only what comes back equal
+            with atomic_path(cache) as tmp:
+                tmp.write_text(filled)
+    except (TypeError, ValueError, EmmitoError):
+        pass  # not JSON-exact, or a results folder that cannot be written: validate next time again
     return validated
 
 

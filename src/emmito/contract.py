@@ -202,6 +202,13 @@ class Results:
 
     root: str = RESULTS
 
+    def parse_cache(self) -> str:
+        """Where the workflow remembers, between parses, slice-folder listings and its validated config (``sources.describe_cached``, ``config.validate_cached``).
+
+        In Snakemake's own folder, not under ``root``: a parse that stops at a bad input leaves no results.
+        """
+        return ".snakemake/emmito-parse-cache"
+
     # the model
     def model_dir(self, model: str = "{model}") -> str:
         return f"{self.root}/model/{model}"

@@ -297,7 +297,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """
     infer_cfg = params["infer"]
     torch.set_num_threads(thread_count(infer_cfg["threads"]))
-    device = pick_device()
+    device = pick_device(log=lambda line: print(f"emmito infer: {line}", file=sys.stderr, flush=True))
     model, checkpoint, model_cfg = load_for_inference(args.checkpoint, params, device)
     if args.chunk is not None:
         write_heat_chunks(model, checkpoint, args.checkpoint, args.image, {args.chunk: args.out}, model_cfg, infer_cfg, device)

@@ -27,6 +27,7 @@ EmmitoError naming the file (and slice) and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ import hdf5plugin  # noqa: F401  (registers the Blosc filters, so Blosc-compress
 import numpy as np
 from tqdm import tqdm
 
-from emmito.io import EmmitoError, list_slices, png_header, read_png_slice, slice_number, slice_paths
+from emmito.io import EmmitoError, atomic_path, list_slices, png_header, read_png_slice, slice_number, slice_paths
 
 KINDS = ("image", "binary", "instance", "vast")
 # describe opens a source under a kind that checks nothing at open (images refuse palette TIFFs).
@@ -160,6 +161,65 @@ def describe(spec: str | os.PathLike | Sequence[os.PathLike]) -> Description:
         return _n5_description(str(spec), location, inner)
     with open_source(spec, _ANY_KIND) as source:
         return source.description(str(spec))
+
+
+# A folder of 100,000 slices is listed (and its numbering checked) once, not in every job's
+# parse: the listing's result is remembered in a small JSON file keyed on the folder's
+# identity and modification time (which changes when a slice is added, removed or renamed)
+# and on the first slice's (whose header gives height, width and type).
+_LISTING_VERSION = 1
+
+
+def _slice_folder(location: str) -> str:
+    """The folder a slices spec lists: the folder itself, or a glob's folder."""
+    return location if os.path.isdir(location) else (os.path.dirname(location) or ".")
+
+
+def _stat_key(path: str) -> list[int]:
+    found = os.stat(path)
+    return [found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size]
+
+
+def describe_cached(spec: str | os.PathLike, cache_folder: str | os.PathLike) -> Description:
+    """``describe`` for the workflow's parse, where slice folders cost one listing in all, not one per job.
+
+    Containers and stacks are described as ``describe`` does (their metadata is cheap).
+    Slices: the first call lists the folder and remembers the result in ``cache_folder``;
+    later calls cost two ``stat`` calls (the folder, the first slice) while the folder
+    has not changed. ``files`` is the folder (or a glob's folder), not every slice: the
+    workflow's convert rule takes it as its input, so that adding, removing or renaming a
+    slice reruns convert; a slice rewritten in place under its old name does not change
+    the folder (``touch`` the folder, or ``--forcerun convert``).
+    """
+    fmt, location, _ = parse_spec(spec)
+    if fmt != "slices":
+        return describe(spec)
+    folder = _slice_folder(location)
+    try:
+        folder_key = _stat_key(folder)
+    except OSError:
+        return describe(spec)  # the usual one-line error for a missing folder
+    where = os.path.abspath(str(spec))
+    cache = Path(cache_folder) / f"slices-{hashlib.sha1(where.encode()).hexdigest()[:20]}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["version"] == _LISTING_VERSION and saved["spec"] == where and saved["folder"] == folder_key:
+            if saved["first_key"] == _stat_key(saved["first"]):
+                return Description(**{**saved["description"], "files": tuple(saved["description"]["files"])})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    paths = slice_paths(location)
+    described = replace(_describe_slices(paths, str(spec)), files=(folder,))
+    record = {
+        "version": _LISTING_VERSION, "spec": where, "folder": folder_key,
+        "first": paths[0], "first_key": _stat_key(paths[0]), "description": asdict(described),
+    }
+    try:
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps(record))
+    except EmmitoError:
+        pass  # a results folder that cannot be written: the next parse lists again
+    return described
 
 
 def input_files(spec: str | os.PathLike) -> list[str]:

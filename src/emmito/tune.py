@@ -91,7 +91,7 @@ def tune_files(
     it does not choose; ``tune``: ``max_slices``, and ``batch_size`` and ``threads`` for the prediction).
     """
     torch.set_num_threads(thread_count(params["tune"]["threads"]))
-    device = pick_device()
+    device = pick_device(log=lambda line: print(f"emmito tune: {line}", file=sys.stderr, flush=True))
     model, checkpoint = load_checkpoint(checkpoint_path, None, device)
     tune_volumes = []
     for name, image, label in volumes:

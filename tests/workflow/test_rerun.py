@@ -149,3 +149,16 @@ def test_a_new_emmito_patch_version_reruns_nothing(project, tmp_path):
     assert seen == bumped != emmito.__version__
     found, reasons = dry_run(project, {}, "new version", env=env)
     assert found == NOTHING, reasons
+
+
+def test_a_slice_added_to_the_folder_reruns_that_volume_from_convert(project):
+    """convert's input is the slice folder (issue 18: no job's parse lists the slices): a new slice reruns it.
+
+    Last in this module: it changes the project's data.
+    """
+    folder = project / "data" / DEPLOY / "images"
+    slices = sorted(folder.iterdir())
+    (folder / f"slice_{len(slices):04d}{slices[-1].suffix}").write_bytes(slices[-1].read_bytes())
+    found, reasons = dry_run(project, {}, "a slice added")
+    assert found[("convert", DEPLOY)] == 1 and found[("convert", "train")] == 0, reasons
+    assert found[("infer", DEPLOY)] == CHUNKS + 1 and found[("train", None)] == 0, reasons  # 21 slices: one chunk more
