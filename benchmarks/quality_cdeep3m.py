@@ -58,7 +58,7 @@ from emmito.metrics import evaluate_arrays  # noqa: E402
 from emmito.model import embedding_dim, load_checkpoint, parameter_count  # noqa: E402
 from emmito.prediction import TTA_COUNTS, predict_volume, to_heat  # noqa: E402
 from emmito.resampling import mean_pool_xy, mode_pool_xy, pool_pair, upsample_labels  # noqa: E402
-from emmito.runtime import thread_count  # noqa: E402
+from emmito.runtime import keep_freed_memory, thread_count  # noqa: E402
 from emmito.tiling import PATCH_GRID, plan_tiling  # noqa: E402
 from emmito.train import support_set, train_model, training_embeddings  # noqa: E402
 
@@ -70,6 +70,31 @@ def load_stack(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     images = np.stack([read_png_slice(p, "image") for p in list_slices(folder / "images")])
     mask = np.stack([read_png_slice(p, "label_binary") for p in list_slices(folder / "labels")])
     return images, binary_to_instances(mask)
+
+
+TRAIN_DATA = ("v2018", "both")
+HOLDOUT_GAP = 2  # slices dropped between the held-out slices and training: a mitochondrion spans several
+
+
+def training_stacks(data: Path, which: str, holdout: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray] | None]:
+    """(training volumes, the held-out (image, instance ids) or None) from the training folders only.
+
+    ``which``: v2018 (v2018/training, z010-029) or both (plus v2020/training, z020-039: the same
+    tissue processed differently, 10 slices beyond v2018's). ``holdout`` K > 0 keeps v2018's first K
+    slices out (with ``HOLDOUT_GAP`` more as a gap); v2020's slices start at z020, so they stay clear
+    of the held-out ones for K + gap <= 10.
+    """
+    image, gt = load_stack(data / "v2018" / "training")
+    held = None
+    if holdout:
+        if holdout + HOLDOUT_GAP > 10 or holdout + HOLDOUT_GAP >= len(image) - 4:
+            sys.exit(f"--holdout {holdout}: at most {10 - HOLDOUT_GAP} slices (v2020/training starts 10 slices in)")
+        held = (image[:holdout], binary_to_instances(gt[:holdout] > 0))
+        image, gt = image[holdout + HOLDOUT_GAP:], binary_to_instances(gt[holdout + HOLDOUT_GAP:] > 0)
+    stacks = [(image, gt)]
+    if which == "both":
+        stacks.append(load_stack(data / "v2020" / "training"))
+    return stacks, held
 
 
 def predict_heat(model: torch.nn.Module, image: np.ndarray, params: dict, input_norm: dict | None, tta: int | None = None) -> np.ndarray:
@@ -87,21 +112,33 @@ def score_heat(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[st
     """segment -> upsample -> evaluate of one volume's heat against full-resolution instance ids."""
     labels = decode(dict(zip(channels, heat)), segment_cfg, support=support)
     full = upsample_labels(labels, factor(params), gt.shape[1:])
-    return evaluate_arrays(full, gt)
+    return evaluate_arrays(full, gt, scores=mean_probabilities(labels, heat[channels.index("foreground" if "foreground" in channels else channels[0])]))
 
 
-def tune_on_training(model: torch.nn.Module, train: tuple, params: dict, channels: list[str], input_norm: dict | None, support=None) -> dict:
-    """decoder.json's record for the model, chosen on the training volume alone by the tune rule's search.
+def mean_probabilities(labels: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mean foreground probability) of the objects of ``labels``, at the heat's scale, as segment and trace keep them."""
+    flat = labels.reshape(-1).astype(np.int64)
+    counts = np.bincount(flat)
+    sums = np.bincount(flat, weights=foreground.reshape(-1).astype(np.float64), minlength=len(counts))
+    ids = np.flatnonzero(counts)
+    ids = ids[ids > 0]
+    return ids.astype(np.uint64), sums[ids] / (255.0 * counts[ids])
 
-    The heat is predicted as the tune rule predicts it (``emmito.tune``: tile
-    overlap ``tune.TILE_OVERLAP``, test-time augmentation ``tune.TTA``), the
+
+def tune_on_training(model: torch.nn.Module, stacks: list[tuple], params: dict, channels: list[str], input_norm: dict | None, support=None) -> dict:
+    """decoder.json's record for the model, chosen on the training volumes alone by the tune rule's search.
+
+    The heat is predicted as the tune rule predicts it (``emmito.tune``: the
+    schema's default infer grid, test-time augmentation ``tune.TTA``), the
     labels mode-pooled to the inference scale; ``tuning.tune`` does the rest.
     """
-    tune_params = {**params, "infer": {**params["infer"], **PATCH_GRID, "tile_overlap": tune.TILE_OVERLAP}}
-    heat = predict_heat(model, train[0], tune_params, input_norm, tta=tune.TTA)
-    labels = pool_pair(train[0][:1], train[1], factor(params))[1]
-    volume = tuning.TuneVolume("cdeep3m_train", dict(zip(channels, heat)), labels, (0, len(labels)))
-    tuned = tuning.tune([volume], params["segment"], support, progress=True)
+    tune_params = {**params, "infer": tune.tuning_infer_section()}
+    volumes = []
+    for index, (image, gt) in enumerate(stacks):
+        heat = predict_heat(model, image, tune_params, input_norm, tta=tune.TTA)
+        labels = pool_pair(image[:1], gt, factor(params))[1]
+        volumes.append(tuning.TuneVolume(f"cdeep3m_train{index}", dict(zip(channels, heat)), labels, (0, len(labels))))
+    tuned = tuning.tune(volumes, params["segment"], support, progress=True)
     return tuned.record()
 
 
@@ -198,7 +235,7 @@ def main() -> None:
     default_data = os.environ.get("EMMITO_CDEEP3M", str(REPO.parent / "shared" / "data" / "cdeep3m-mito"))
     parser.add_argument("--data", type=Path, default=Path(default_data))
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "cdeep3m.yaml")
-    parser.add_argument("--minutes", type=float, default=40.0, help="training wall-time budget (at most 60 on CPU)")
+    parser.add_argument("--minutes", type=float, default=55.0, help="training wall-time budget (at most 60 on CPU)")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--threads", type=int, default=None, help="override train.threads and infer.threads")
     parser.add_argument("--tta", type=int, default=None, choices=TTA_COUNTS, help="override infer.tta (flip/transpose variants)")
@@ -207,9 +244,15 @@ def main() -> None:
     parser.add_argument("--decoder", choices=DECODERS, default=None,
                         help="override segment.decoder (with --head embedding the default is embedding_cluster)")
     parser.add_argument("--support-sizes", default="", help="comma-separated support-set sizes for an NNC IoU table")
-    parser.add_argument("--tune", action="store_true", help="choose segment thresholds on the training volume (never on validation)")
-    parser.add_argument("--max-area-factor", type=float, default=1.0,
-                        help="segment.max_area_2d = this x the widest cross-section of a training mitochondrion (0: off)")
+    parser.add_argument("--no-tune", dest="tune", action="store_false",
+                        help="do not choose segment thresholds on the training volume (default: the tune rule's search, on training only)")
+    parser.add_argument("--max-area-factor", type=float, default=0.0,
+                        help="segment.max_area_2d = this x the widest cross-section of a training mitochondrion (default 0: off)")
+    parser.add_argument("--train-data", choices=TRAIN_DATA, default="v2018",
+                        help="v2018: v2018/training; both: also v2020/training as a second volume (z020-039, 10 slices beyond v2018's)")
+    parser.add_argument("--holdout", type=int, default=0, metavar="K",
+                        help="model selection without validation: hold out v2018/training's first K slices (and the next "
+                             f"{HOLDOUT_GAP} as a gap), train and tune on the rest, judge on the K; validation is not read")
     parser.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     parser.add_argument("--keep", type=Path, default=None, help="folder (outside the repo) to keep checkpoint and metrics in")
     parser.add_argument("--compare-tiling", action="store_true",
@@ -236,15 +279,19 @@ def main() -> None:
     elif params["model"]["head"] == "embedding":
         params["segment"]["decoder"] = "embedding_cluster"
     params = config_module.validate(params, source=str(args.config))
+    keep_freed_memory()  # as the stage CLIs do
     torch.set_num_threads(thread_count(params["train"]["threads"]))
     out_dir = args.keep or Path(tempfile.mkdtemp(prefix="emmito-cdeep3m-"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    train = load_stack(args.data / "v2018" / "training")
+    stacks, held = training_stacks(args.data, args.train_data, args.holdout)
+    train = stacks[0]
     if args.checkpoint is None:
-        print(f"training on {train[0].shape} for at most {args.minutes} min", file=sys.stderr)
+        shapes = ", ".join("x".join(map(str, image.shape)) for image, _ in stacks)
+        print(f"training on {shapes} for at most {args.minutes} min" + (f" ({args.holdout} v2018 slices held out)" if held else ""),
+              file=sys.stderr)
         started = time.perf_counter()
-        checkpoint, metrics = train_model([train], [], params, device="cpu")
+        checkpoint, metrics = train_model(stacks, [], params, device="cpu")
         minutes = (time.perf_counter() - started) / 60
         checkpoint_path = out_dir / "cdeep3m.pt"
         contract.save_checkpoint(checkpoint_path, checkpoint)
@@ -254,7 +301,7 @@ def main() -> None:
     model, checkpoint = load_checkpoint(checkpoint_path, params["model"], explicit=params.explicit)
     model = model.model  # the bare network: predict_volume wraps it for the heat of every channel
     channels = list(checkpoint["channels"])
-    support = support_set(checkpoint, [train], params) if params["segment"]["decoder"] == "nearest_neighbour" else None
+    support = support_set(checkpoint, stacks, params) if params["segment"]["decoder"] == "nearest_neighbour" else None
     if args.max_area_factor > 0:  # from the training labels alone, never from validation
         widest = widest_cross_section(pool_pair(train[0][:1], train[1], factor(params))[1])
         params["segment"]["max_area_2d"] = int(args.max_area_factor * widest)
@@ -263,7 +310,7 @@ def main() -> None:
     decoder, heat_name = resolve_decoder(params["segment"]["decoder"], channels)
     beside = Path(contract.decoder_settings_beside(checkpoint_path))
     if args.tune:
-        tuned = tune_on_training(model, train, params, channels, checkpoint.get("input_norm"), support)
+        tuned = tune_on_training(model, stacks, params, channels, checkpoint.get("input_norm"), support)
         contract.save_decoder_settings(out_dir / contract.DECODER_SETTINGS_FILE, tuned)
         print(f"tuned on training: score {tuned['score']:.4f} (F1 over IoU 0.5-0.95), F1 {tuned['instance_f1']:.4f}; untuned "
               f"{tuned['untuned']['score']:.4f}, {tuned['untuned']['instance_f1']:.4f}; {len(tuned['trials'])} trials")
@@ -277,8 +324,9 @@ def main() -> None:
     if args.sweep_tiling:
         sweep_tiling(model, train, params, channels, checkpoint.get("input_norm"), support)
     results = {}
-    for name, folder in (("v2018", args.data / "v2018" / "validation"), ("v2020", args.data / "v2020" / "validation")):
-        image, gt = load_stack(folder)
+    judged = [("holdout", None)] if held else [("v2018", args.data / "v2018" / "validation"), ("v2020", args.data / "v2020" / "validation")]
+    for name, folder in judged:
+        image, gt = held if folder is None else load_stack(folder)
         heat = predict_heat(model, image, params, checkpoint.get("input_norm"))
         results[name], unfiltered = score_with_and_without_filter(heat, gt, params, channels, support)
         if args.compare_tiling:
@@ -296,6 +344,17 @@ def main() -> None:
             support_table(model, checkpoint, train, image, gt, params, [int(s) for s in args.support_sizes.split(",")])
     print(f"checkpoint: {checkpoint_path} ({parameter_count(model)} parameters, {checkpoint['iteration']} iterations, "
           f"head={params['model']['head']}, decoder={decoder}, tta={params['infer']['tta']})")
+    if held:
+        scores = results["holdout"]
+        print(f"holdout: {args.holdout} v2018 training slices, objects gt/pred/matched: "
+              f"{scores['gt_objects']}/{scores['predicted_objects']}/{scores['matched_objects']}  precision "
+              f"{scores['voxel_precision']:.4f} recall {scores['voxel_recall']:.4f}  training_iterations: {checkpoint['iteration']}")
+        print(f"holdout ap50 {scores['ap50']:.4f} ap75 {scores['ap75']:.4f} voi split/merge {scores['voi_split']:.4f}/"
+              f"{scores['voi_merge']:.4f} arand {scores['arand']:.4f}")
+        print(f"holdout_f1_2d: {scores['f1_2d']:.4f}")
+        print(f"holdout_f1: {scores['instance_f1']:.4f}")
+        print(f"holdout_iou: {scores['voxel_iou']:.4f}")
+        return
     v2020, v2018 = results["v2020"], results["v2018"]
     print(
         f"cdeep3m_v2020_val_iou: {v2020['voxel_iou']:.4f}  cdeep3m_v2020_val_f1: {v2020['instance_f1']:.4f}  "
@@ -305,6 +364,9 @@ def main() -> None:
         f"cdeep3m_val_precision: {v2018['voxel_precision']:.4f}  cdeep3m_val_recall: {v2018['voxel_recall']:.4f}  "
         f"objects gt/pred/matched: {v2018['gt_objects']}/{v2018['predicted_objects']}/{v2018['matched_objects']}"
     )
+    print(f"cdeep3m_val_ap50: {v2018['ap50']:.4f}  cdeep3m_val_ap75: {v2018['ap75']:.4f}  voi split/merge "
+          f"{v2018['voi_split']:.4f}/{v2018['voi_merge']:.4f}  arand {v2018['arand']:.4f}  F1 small/medium/large "
+          + "/".join("n/a" if v2018[k] is None else f"{v2018[k]:.3f}" for k in ("f1_small", "f1_medium", "f1_large")))
     print(f"training_minutes: {minutes:.1f}  training_iterations: {checkpoint['iteration']}")
     print(f"decoder: {decoder}  settings: {settings_line}  training_iterations: {checkpoint['iteration']}")
     print(f"cdeep3m_val_f1_2d: {v2018['f1_2d']:.4f}")

@@ -203,8 +203,8 @@ def test_which_stages_a_key_changes():
     assert cfg.key_stages("infer.tta") == cfg.key_stages("infer.tile_overlap") == ["infer"]
     assert cfg.key_stages("infer.chunk_slices") == ["infer", "merge"]
     assert cfg.key_stages("merge.block_overlap") == ["merge", "trace"]
-    for runtime in ("train.threads", "infer.batch_size", "infer.prefetch_batches", "infer.threads", "segment.threads",
-                    "upsample.slab_slices", "evaluate.slab_slices", "infer.volumes"):
+    for runtime in ("train.threads", "train.workers", "infer.batch_size", "infer.prefetch_batches", "infer.threads",
+                    "segment.threads", "upsample.slab_slices", "evaluate.slab_slices", "infer.volumes"):
         assert cfg.key_stages(runtime) == [], runtime
     with pytest.raises(KeyError):
         cfg.key_stages("segment.min_sise")
@@ -218,7 +218,7 @@ def test_stage_params_hold_exactly_the_keys_that_change_the_stage_output():
     assert set(train) == {"seed", "model", "train", cfg.PARAMS_VERSION, cfg.PARAMS_EXPLICIT}  # no infer, no segment
     assert train["seed"] == 3 and train["model"]["filters"] == [4, 8] and train["model"][contract.DOWNSAMPLE_XY] == 2
     assert train["train"]["iterations"] == 7 and train["train"]["learning_rate"] == 0.002
-    assert {"threads", "save_every", "tensorboard"}.isdisjoint(train["train"])
+    assert {"threads", "workers", "save_every", "tensorboard"}.isdisjoint(train["train"])
     assert train["model"] == {k: v for k, v in config["model"].items()}  # every model key, defaults included
 
     infer = cfg.stage_params(config, "infer")
@@ -277,7 +277,7 @@ def test_runtime_params_hold_the_keys_a_stage_reads_that_change_no_output():
     assert cfg.runtime_params(config, "infer") == {
         "infer": {"batch_size": 8, "prefetch_batches": 2, "threads": 0}, cfg.PARAMS_EXPLICIT: ["infer.batch_size"],
     }  # infer.volumes is the workflow's: in neither
-    assert cfg.runtime_params(config, "train")["train"] == {"threads": 2, "save_every": 100, "tensorboard": False}
+    assert cfg.runtime_params(config, "train")["train"] == {"threads": 2, "workers": 1, "save_every": 100, "tensorboard": False}
     assert cfg.runtime_params(config, "segment") == {"segment": {"threads": 1}, cfg.PARAMS_EXPLICIT: ["segment.threads"]}
     assert cfg.runtime_params(config, "upsample")["upsample"] == {"slab_slices": 8}
     assert cfg.runtime_params(config, "merge") == {cfg.PARAMS_EXPLICIT: []}
@@ -296,7 +296,7 @@ CHANGES = [  # (a change to a whole config, the stages whose params it changes)
     ({"upsample": {"pyramid_levels": 3}}, {"upsample"}),
     ({"export": {"image_encoding": "jpeg"}}, {"export"}),
     ({"infer": {"batch_size": 2, "prefetch_batches": 4, "threads": 3}}, set()),
-    ({"train": {"threads": 1, "save_every": 5}, "segment": {"threads": 4}}, set()),
+    ({"train": {"threads": 1, "workers": 3, "save_every": 5}, "segment": {"threads": 4}}, set()),
     ({"upsample": {"slab_slices": 2}, "evaluate": {"slab_slices": 2}}, set()),
     ({"model": {"norm": "batch"}}, {"train", "infer"}),
     ({"model": {cfg.contract.DOWNSAMPLE_XY: 4}}, {"train", "infer"}),

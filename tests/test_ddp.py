@@ -117,7 +117,8 @@ def test_a_data_parallel_checkpoint_infers_in_one_process(runs, volume, tmp_path
     assert ddp.max() > ddp.min()
 
 
-def _children(pid: int) -> list[int]:
+def _children(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """The processes whose parent is ``pid`` and whose command line holds ``marker`` (the ranks: spawned)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -125,7 +126,7 @@ def _children(pid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+            if int(fields[1]) == pid and marker in (entry / "cmdline").read_bytes():
                 found.append(int(entry.name))
     return found
 

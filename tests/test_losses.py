@@ -100,3 +100,24 @@ def test_training_loss_adds_deep_supervision_and_the_discriminative_terms():
     assert torch.equal(parts.loss, target_part + weights["weight"] * pull_push)
     assert set(parts.terms) == {"var", "dist", "reg"} and torch.equal(parts.target, target)
     assert parts.logits.shape[1] == 1 and parts.aux[0].shape[1] == 1
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.7, 1.0])
+def test_ohem_bce_is_the_mean_bce_over_the_kept_voxels_with_its_gradient(threshold):
+    """Both ways to the cut (the threshold when enough voxels are below it, else the k-th value) give the definition."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 4, 8, 8)).requires_grad_()
+    target = (torch.rand(2, 4, 8, 8) > 0.7).float()
+    p = torch.sigmoid(logits.detach())
+    true_p = torch.where(target > 0.5, p, 1 - p).flatten()
+    k = kept_count(true_p.numel(), 0.25)
+    cut = torch.maximum(torch.kthvalue(true_p, k).values, torch.tensor(threshold))
+    keep = true_p <= cut
+    assert (int((true_p <= threshold).sum()) >= k) == (threshold > 0)  # 0: the k-th value is the cut; else the threshold
+    expected = F.binary_cross_entropy_with_logits(logits.flatten()[keep], target.flatten()[keep])
+    loss, got_cut, kept = ohem_bce(logits, target, threshold, 0.25)
+    assert got_cut.item() == cut.item() and kept == int(keep.sum())
+    torch.testing.assert_close(loss, expected)
+    (expected_gradient,) = torch.autograd.grad(expected, logits)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(gradient, expected_gradient)

@@ -26,6 +26,9 @@ METRICS = {
     "iou_threshold": 0.5, "gt_objects": 4, "predicted_objects": 3, "matched_objects": 3,
     "instance_precision": 1.0, "instance_recall": 0.75, "instance_f1": 0.857142,
     "f1_iou_thresholds": F1_IOU_THRESHOLDS, "f1_at_iou": [0.86, 0.86, 0.86, 0.8, 0.7, 0.6, 0.5, 0.3, 0.1, 0.0],
+    "ap50": 0.8349, "ap75": 0.505, "ap_score": "mean_probability", "voi_split": 0.1234, "voi_merge": 0.0567,
+    "arand": 0.0812, "size_tercile_bounds": [120, 900], "f1_small": 0.667, "f1_medium": 1.0, "f1_large": 0.8,
+    "gt_objects_by_size": [1, 1, 2], "predicted_objects_by_size": [1, 1, 1], "matched_objects_by_size": [1, 1, 1],
 }
 
 
@@ -147,9 +150,23 @@ def test_object_distributions_are_a_png_and_deterministic(volume, tmp_path):
 
 def test_scores_plot_and_table(tmp_path):
     report.plot_scores(METRICS, tmp_path / "scores.png")
-    assert png_size(tmp_path / "scores.png") == (1100, 400)
+    assert png_size(tmp_path / "scores.png") == (1600, 400)
+    report.plot_scores(METRICS, tmp_path / "again.png")
+    assert (tmp_path / "scores.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    # The field's panel (right): AP bars in tab:purple (148, 103, 189), ARAND in tab:red (214, 39, 40).
+    picture = np.asarray(Image.open(tmp_path / "scores.png").convert("RGB")).astype(int)
+    field = picture[:, 1100:]
+    purple = (abs(field[..., 0] - 148) < 8) & (abs(field[..., 1] - 103) < 8) & (abs(field[..., 2] - 189) < 8)
+    red = (abs(field[..., 0] - 214) < 8) & (abs(field[..., 1] - 39) < 8) & (abs(field[..., 2] - 40) < 8)
+    assert purple.sum() > 1000 and red.sum() > 50
+    # An older metrics.json (without the field's keys) still plots.
+    old = {k: v for k, v in METRICS.items() if k not in ("ap50", "ap75", "voi_split", "voi_merge", "arand")}
+    report.plot_scores({**old, "f1_small": None, "size_tercile_bounds": None}, tmp_path / "old.png")
+    assert png_size(tmp_path / "old.png") == (1600, 400)
     table = report.metrics_table({**METRICS, "note": "<b>"}, title="results/v/metrics.json")
     assert "<td>instance_f1</td><td>0.8571</td>" in table
+    assert "<td>ap50</td><td>0.8349</td>" in table and "<td>voi_split</td><td>0.1234</td>" in table
+    assert "<td>arand</td><td>0.0812</td>" in table and "<td>ap_score</td><td>mean_probability</td>" in table
     assert "<td>gt_objects</td><td>4</td>" in table
     assert "0.5000, 0.5500, 0.6000" in table  # lists inline
     assert "&lt;b&gt;" in table and "<b>" not in table

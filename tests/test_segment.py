@@ -6,6 +6,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import cc3d
+import h5py
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -24,7 +25,8 @@ from emmito.decoders import (
     resolve_decoder,
     segment_block,
 )
-from emmito.io import read_volume
+from emmito.io import open_volume, read_volume
+from emmito.labels import slice_heat_sums
 from emmito.metrics import instance_f1
 from emmito.tuning import PROBABILITY_FOREGROUND_THRESHOLD
 
@@ -232,6 +234,48 @@ def test_cli_writes_block_with_heat_attrs(tmp_path):
     assert np.array_equal(labels, segment_block(heat, {**SMALL, "foreground_threshold": PROBABILITY_FOREGROUND_THRESHOLD}))
     assert out_attrs["offset"] == 20 and out_attrs["volume_depth"] == 30 and out_attrs["downsample_xy"] == 2
     assert out_attrs["voxel_size"] == [40.0, 16.0, 16.0]
+
+
+def test_cli_writes_each_objects_heat_per_slice(tmp_path):
+    heat = ellipsoid_heat((10, 24, 40), [(4, 12, 10), (5, 12, 28)], [(4, 7, 7), (4, 8, 8)], peak=230)
+    heat_path = contract.fixture(tmp_path / "block_0.h5", "heat", heat[None])
+    out = tmp_path / "seg.h5"
+    assert cli.main(["segment", str(heat_path), str(out), "--params", '{"segment": {"min_size": 20, "min_seed_size": 4}}']) == 0
+    labels = read_volume(out)[0]
+    with h5py.File(out, "r") as f:
+        table = f[contract.SLICE_SCORES][...]
+        assert list(f[contract.SLICE_SCORES].attrs[contract.SCORE_COLUMNS_ATTR]) == list(contract.SLICE_SCORE_COLUMNS)
+    assert labels.max() == 2
+    # One row per (object, slice) it has voxels in, with their count and the sum of their heat.
+    expected = [
+        [label, z, int((labels[z] == label).sum()), int(heat[z][labels[z] == label].sum())]
+        for z in range(labels.shape[0]) for label in range(1, 3) if (labels[z] == label).any()
+    ]
+    assert table.tolist() == expected
+    for label in (1, 2):  # the object's mean probability, from its rows
+        rows = table[table[:, 0] == label]
+        assert rows[:, 3].sum() / (255 * rows[:, 2].sum()) == pytest.approx(heat[labels == label].mean() / 255)
+
+
+def test_slice_heat_sums_reads_the_heat_a_slab_at_a_time():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=(9, 6, 7)).astype(np.uint32)
+    heat = rng.integers(0, 256, size=labels.shape).astype(np.uint8)
+    table = slice_heat_sums(labels, heat, slab_slices=4)
+    assert np.array_equal(table, slice_heat_sums(labels, heat, slab_slices=1))
+    assert table[:, 2].sum() == np.count_nonzero(labels)
+    for label in (1, 2, 3):
+        rows = table[table[:, 0] == label]
+        assert rows[:, 2].sum() == (labels == label).sum() and rows[:, 3].sum() == heat[labels == label].sum()
+
+
+def test_a_heatmap_without_foreground_gives_no_scores(tmp_path):
+    from emmito.segment import block_scores
+
+    path = contract.fixture(tmp_path / "heat.h5", "heat", np.zeros((2, 3, 4, 4), np.uint8), channels=["emb0", "emb1"])
+    with open_volume(path) as ds:
+        labels = np.ones((3, 4, 4), np.uint32)
+        assert block_scores(ds, contract.read_attrs(ds), "embedding_cluster", labels) is None
 
 
 def test_cli_uses_decoder_json_and_a_key_set_in_the_config_wins_over_it(tmp_path, capsys):

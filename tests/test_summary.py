@@ -17,6 +17,8 @@ METRICS = {
     "iou_threshold": 0.5, "instance_f1": 0.8571, "instance_precision": 1.0, "instance_recall": 0.75,
     "voxel_iou": 0.78125, "voxel_precision": 0.9, "voxel_recall": 0.85,
     "gt_objects": 4, "predicted_objects": 3, "matched_objects": 3,
+    "ap50": 0.834983, "ap75": 0.50495, "ap_score": "mean_probability", "voi_split": 0.688722, "voi_merge": 0.0,
+    "arand": 0.5, "size_tercile_bounds": [5, 13], "f1_small": 0.666667, "f1_medium": 0.5, "f1_large": 0.8,
 }
 CONFIG = {"model": {"name": "m1"}, "infer": {"volumes": ["done", "empty"]}}
 
@@ -59,6 +61,14 @@ def test_a_finished_volume_shows_objects_metrics_and_paths(tmp_path):
     assert line(text, "matched_objects").split() == ["matched_objects", "3"]
     assert line(text, "gt_objects").split() == ["gt_objects", "4"]
     assert "2D instance F1" not in text  # not in metrics.json: no row
+    assert line(text, "AP@IoU 0.50").split()[-1] == "0.835"
+    assert line(text, "AP@IoU 0.75").split()[-1] == "0.505"
+    assert line(text, "VOI split").split()[-1] == "0.689"
+    assert line(text, "VOI merge").split()[-1] == "0.000"
+    assert line(text, "adapted Rand error").split()[-1] == "0.500"
+    assert line(text, "AP ranked by").split()[-1] == "mean_probability"
+    assert line(text, "F1 small/medium/large").split()[2:7] == ["0.667", "/", "0.500", "/", "0.800"]
+    assert "(gt terciles: < 5, < 13, >= 13 voxels)" in line(text, "F1 small/medium/large")
     done = text.split("volume 'empty'")[0]
     for label, path in (("segmentation", layout.seg("done")), ("id map", layout.id_map("done")),
                         ("metrics", layout.metrics("done")), ("neuroglancer export", layout.neuroglancer("done")),

@@ -11,7 +11,8 @@ import pytest
 from emmito import blocks, cli, config, contract
 from emmito.blocks import Layout
 from emmito.decoders import segment_block
-from emmito.io import EmmitoError, read_json, read_volume
+from emmito.io import EmmitoError, open_volume, read_json, read_table, read_volume
+from emmito.labels import slice_heat_sums
 from emmito.trace import check_blocks, match_overlap, resolve_ids, shared_slab, trace_arrays, trace_files
 
 
@@ -139,11 +140,12 @@ def test_segmenting_in_blocks_then_tracing_equals_segmenting_whole(block_slices,
     assert same_partition(traced, whole)
 
 
-def write_blocks(folder, parts, block_slices, depth):
+def write_blocks(folder, parts, block_slices, depth, scores=None):
     paths = []
     for b, part in enumerate(parts):
         path = folder / f"block_{b}.h5"
-        contract.fixture(path, "seg", part, voxel_size=[40, 8, 8], offset=b * block_slices, volume_depth=depth)
+        table = scores[b] if scores is not None else None
+        contract.fixture(path, "seg", part, voxel_size=[40, 8, 8], offset=b * block_slices, volume_depth=depth, scores=table)
         paths.append(path)
     return paths
 
@@ -205,3 +207,56 @@ def test_check_blocks_refuses_blocks_cut_otherwise(tmp_path):
         check_blocks(paths[1:], Layout.of_blocks(8, 2))
     with pytest.raises(EmmitoError, match="with merge.block_overlap 3"):
         check_blocks(paths, Layout.of_blocks(10, 3))
+
+
+def scored_blocks(folder, seed=2, block_slices=12, block_overlap=3):
+    """Blocks of separated blobs cut with overlap, each with its score rows of a random heat; the heat and paths."""
+    volume = separated_blobs(seed=seed)
+    heat = np.where(volume, np.random.default_rng(seed).integers(1, 256, size=volume.shape), 0).astype(np.uint8)
+    parts = cut_into_blocks(volume, block_slices, block_overlap)
+    heat_parts = cut_into_blocks(heat, block_slices, block_overlap, segment=lambda part: part)
+    scores = [slice_heat_sums(part, heat_part) for part, heat_part in zip(parts, heat_parts)]
+    return heat, write_blocks(folder, parts, block_slices, volume.shape[0], scores), scores
+
+
+def test_scores_follow_the_objects_across_blocks(tmp_path):
+    heat, paths, _ = scored_blocks(tmp_path)
+    out, id_map = tmp_path / "seg_infer.h5", tmp_path / "trace.json"
+    record = trace_files(out, id_map, paths, Layout.of_blocks(12, 3), "iou", 0.5)
+    traced = read_volume(out)[0]
+    with open_volume(out) as ds:
+        table = read_table(ds, contract.OBJECT_SCORES, contract.OBJECT_SCORE_COLUMNS)
+    assert any(len(o["blocks"]) > 1 for o in record["objects"].values())  # some objects were joined
+    # Each global object's voxels and heat sum are those of exactly its traced voxels (the overlap
+    # slices counted once, by the block that owns them): its mean is the voxel-weighted mean of its parts.
+    expected = [[g, int((traced == g).sum()), int(heat[traced == g].sum())] for g in range(1, int(traced.max()) + 1)]
+    assert table.tolist() == expected
+    assert [row[1] for row in expected] == [o["voxels"] for o in record["objects"].values()]
+
+
+def test_a_block_without_scores_leaves_the_traced_volume_without(tmp_path, capsys):
+    volume = separated_blobs(seed=2)
+    _, paths, scores = scored_blocks(tmp_path)
+    parts = cut_into_blocks(volume, 12, 3)
+    contract.fixture(paths[1], "seg", parts[1], voxel_size=[40, 8, 8], offset=12, volume_depth=volume.shape[0])
+    out = tmp_path / "seg_infer.h5"
+    trace_files(out, tmp_path / "trace.json", paths, Layout.of_blocks(12, 3), "iou", 0.5)
+    with open_volume(out) as ds:
+        assert read_table(ds, contract.OBJECT_SCORES, contract.OBJECT_SCORE_COLUMNS) is None
+    assert "block 1 has no object scores" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+def test_scores_that_do_not_count_the_labels_are_refused(tmp_path, capsys):
+    volume = separated_blobs(seed=2)
+    _, paths, scores = scored_blocks(tmp_path)
+    stale = scores[1].copy()
+    stale[0, 2] += 1
+    contract.fixture(paths[1], "seg", cut_into_blocks(volume, 12, 3)[1], voxel_size=[40, 8, 8], offset=12,
+                     volume_depth=volume.shape[0], scores=stale)
+    params = '{"merge": {"block_slices": 12, "block_overlap": 3}, "infer": {"chunk_slices": 4}}'
+    out = tmp_path / "seg_infer.h5"
+    assert cli.main(["trace", str(out), str(tmp_path / "trace.json"), *map(str, paths), "--params", params]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar: one line
+    assert "block_1.h5: its object scores" in last and "rerun emmito segment" in last
+    assert not out.exists()

@@ -105,3 +105,18 @@ def test_pyramid_levels_carry_the_level_attributes(tmp_path):
     assert (full[contract.DOWNSAMPLE_XY], coarse[contract.DOWNSAMPLE_XY]) == (1, 4)
     assert coarse[contract.VOXEL_SIZE] == [30.0, 20.0, 20.0] and coarse[contract.OFFSET] == 0
     assert coarse[contract.VERSION] == __version__
+
+
+def test_object_scores_are_carried_into_seg_h5(tmp_path):
+    traced = np.zeros((3, 5, 6), np.uint32)
+    traced[:, :2, :2], traced[1:, 3:, 3:] = 1, 2
+    table = np.array([[1, 12, 2400], [2, 12, 1530]])
+    traced_path, image_path, out = tmp_path / "seg_infer.h5", tmp_path / "image.h5", tmp_path / "seg.h5"
+    contract.fixture(traced_path, "seg", traced, voxel_size=[30, 10, 10], downsample_xy=2, scores=table)
+    contract.fixture(image_path, "image", np.zeros((3, 10, 11), np.uint8), voxel_size=[30, 5, 5])
+    upsample_files(traced_path, image_path, out, pyramid_levels=1, slab_slices=2)
+    with h5py.File(out, "r") as f:
+        assert sorted(f) == sorted([contract.DATASET, "s1", contract.OBJECT_SCORES])
+        assert contract.pyramid_levels(f) == [contract.DATASET, "s1"]
+        assert f[contract.OBJECT_SCORES][...].tolist() == table.tolist()
+        assert f[contract.OBJECT_SCORES].compression is None  # no filter plugin needed to read it

@@ -11,7 +11,9 @@ Volumes
     the attributes below. ``IMAGE``/``LABEL`` files are written by convert,
     ``HEAT`` files by infer and merge, ``SEG`` files by segment, trace and
     upsample. A pyramid (upsample) adds datasets ``s1``, ``s2``, ... beside
-    ``main``, each halving y and x (``level_name``).
+    ``main``, each halving y and x (``level_name``); seg files written from
+    a heatmap also hold their objects' score table (``SLICE_SCORES`` in
+    segment's blocks, ``OBJECT_SCORES`` in trace's and upsample's files).
 
 Results layout
     ``Results(root)`` gives every output path as a pattern with Snakemake
@@ -57,6 +59,23 @@ EMBEDDING_RANGE = "embedding_range"  # heat files of embedding models: the emb c
 # {"rule": "identity" | "percentile" | "shift", "source_dtype": "uint16", "low": 312.0, "high": 3850.0,
 #  "percentiles": [0.1, 99.9], "sample_slices": 16}: one mapping for the whole volume.
 INTENSITY_MAPPING = "intensity_mapping"
+
+# Object scores: each object's mean foreground heat, kept beside the labels as an int64 table (a
+# second dataset in the same file, its column names in its attribute SCORE_COLUMNS_ATTR), so that
+# evaluate can rank objects for average precision. Sums of the uint8 heat are integers, so they add
+# up exactly when trace joins objects across blocks; an object's score (mean foreground
+# probability) is heat_sum / (HEAT_MAX * voxels), at the heat's (inference) resolution.
+# - SLICE_SCORES (seg/block_b.h5, segment): one row per (object, slice) it has voxels in, z the
+#   block file's own slice index: trace keeps the rows of the slices a block owns.
+# - OBJECT_SCORES (seg_infer.h5, trace; seg.h5, upsample copies it): one row per global id.
+# A file without the table (a segmentation from elsewhere, a heatmap without a foreground
+# channel) has no scores: evaluate then ranks by size.
+SLICE_SCORES = "slice_scores"
+SLICE_SCORE_COLUMNS = ("id", "z", "voxels", "heat_sum")
+OBJECT_SCORES = "object_scores"
+OBJECT_SCORE_COLUMNS = ("id", "voxels", "heat_sum")
+SCORE_COLUMNS_ATTR = "columns"
+HEAT_MAX = 255  # heat files hold probability * HEAT_MAX as uint8
 
 # Written by io.create_volume on every file.
 BASE_KEYS = (VOXEL_SIZE, OFFSET, VERSION)
@@ -168,16 +187,16 @@ def level_attrs(voxel_size: list[float], volume_depth: int, scale: int) -> dict[
 
 OUTPUT_VERSIONS: dict[str, int] = {
     "convert": 2,
-    "train": 1,
+    "train": 2,
     "infer": 2,
     "merge": 1,
-    "segment": 1,
-    "trace": 1,
-    "upsample": 2,
-    "evaluate": 1,
+    "segment": 2,
+    "trace": 2,
+    "upsample": 3,
+    "evaluate": 2,
     "export": 2,
-    "report": 1,
-    "tune": 1,
+    "report": 2,
+    "tune": 2,
     "measure": 1,
 }
 
@@ -537,6 +556,7 @@ def fixture(
     channels: list[str] | None = None,
     embedding_range: float | None = None,
     attrs: dict[str, Any] | None = None,
+    scores: np.ndarray | None = None,
 ) -> Path:
     """Write a volume of ``kind`` the way its stage would, and return its path.
 
@@ -545,10 +565,12 @@ def fixture(
       ``channels`` (default ``foreground`` for one channel), the volume frame
       (``volume_depth`` defaults to ``offset`` + the file's depth) and
       ``embedding_range`` where given;
-    - ``seg``: uint32 (z, y, x) ids with the volume frame.
+    - ``seg``: uint32 (z, y, x) ids with the volume frame, and ``scores``
+      where given: a table of ``SLICE_SCORE_COLUMNS`` (4 columns: a segment
+      block's) or ``OBJECT_SCORE_COLUMNS`` (3: a traced or final seg file's).
     ``attrs`` are set on top (a test that wants an odd file).
     """
-    from emmito.io import write_volume
+    from emmito.io import create_volume, write_table
 
     if kind not in FIXTURE_KINDS:
         raise ValueError(f"fixture kind {kind!r}: use one of {FIXTURE_KINDS}")
@@ -571,5 +593,12 @@ def fixture(
         data = data.astype(np.uint32, copy=False)
         depth = volume_depth if volume_depth is not None else offset + data.shape[0]
         extra = volume_frame(depth, downsample_xy)
-    write_volume(path, data, voxel_size=voxel_size, offset=offset, attrs={**extra, **(attrs or {})})
+    if scores is not None and kind != "seg":
+        raise ValueError("only a seg fixture carries object scores")
+    with create_volume(path, data.shape, data.dtype, voxel_size=voxel_size, offset=offset, attrs={**extra, **(attrs or {})}) as ds:
+        ds[...] = data
+        if scores is not None:
+            scores = np.asarray(scores, dtype=np.int64)
+            name, columns = (SLICE_SCORES, SLICE_SCORE_COLUMNS) if scores.shape[-1] == 4 else (OBJECT_SCORES, OBJECT_SCORE_COLUMNS)
+            write_table(ds, name, scores, columns)
     return Path(path)

@@ -100,7 +100,7 @@ def free_port() -> int:
 # ---- the rank processes -------------------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when its parent ends (Linux; elsewhere nothing)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -119,7 +119,7 @@ def _rank_main(
     rank: Rank, port: int, backend: str, job: Callable[[Rank], Any], errors: Any, parent: int
 ) -> None:
     """A rank process: join the process group, run ``job``, report a failure as one line on ``errors``."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: atomic files clean up
     import torch
     import torch.distributed as dist

@@ -2,9 +2,13 @@
 
 The metrics themselves (voxel precision/recall/IoU/Dice, instance
 precision/recall/F1 at a 3D IoU threshold, F1 at 0.50..0.95, the per-slice
-``f1_2d``) are ``emmito.metrics``, which training's validation shares; this
-stage reads the two files ``slab_slices`` slices at a time into its
-accumulator and writes the result.
+``f1_2d``; AP at IoU 0.50 and 0.75, variation of information, adapted Rand
+error, F1 per size tercile) are ``emmito.metrics``, which training's
+validation shares; this stage reads the two files ``slab_slices`` slices at a
+time into its accumulator and writes the result. AP ranks the objects by the
+mean foreground probability that seg.h5 carries (``contract.OBJECT_SCORES``,
+from segment through trace and upsample), or by size where it carries none
+(metrics.json's ``ap_score`` says which).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from emmito.io import EmmitoError, open_volume, write_json
-from emmito.metrics import MetricsAccumulator, rounded
+from emmito import contract
+from emmito.io import EmmitoError, open_volume, read_table, write_json
+from emmito.metrics import AP_SCORE_PROBABILITY, MetricsAccumulator, object_scores, rounded
 
 
 def evaluate_files(
@@ -33,11 +38,16 @@ def evaluate_files(
             )
         if seg.ndim != 3:
             raise EmmitoError(f"{seg_path}: shape {tuple(seg.shape)} is not a (z, y, x) volume: pass seg.h5 and label.h5")
+        scores = object_scores(read_table(seg, contract.OBJECT_SCORES, contract.OBJECT_SCORE_COLUMNS))
         depth = seg.shape[0]
         for z_start in tqdm(range(0, depth, slab_slices), desc="evaluate", unit="slab", file=sys.stderr, disable=not progress):
             z_stop = min(z_start + slab_slices, depth)
             accumulator.add(seg[z_start:z_stop], gt[z_start:z_stop])
-    return accumulator.result(iou_threshold)
+    metrics = accumulator.result(iou_threshold, scores)
+    if metrics["ap_score"] != AP_SCORE_PROBABILITY:
+        why = "has no object scores" if scores is None else "has no score for some of its objects"
+        print(f"emmito evaluate: {seg_path} {why}: AP ranks the objects by size", file=sys.stderr)
+    return metrics
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
@@ -45,7 +55,8 @@ def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     write_json(out, rounded(metrics))
     print(
         f"emmito evaluate: voxel IoU {metrics['voxel_iou']:.3f}, instance F1 {metrics['instance_f1']:.3f} "
-        f"({metrics['matched_objects']}/{metrics['gt_objects']} objects matched at IoU {metrics['iou_threshold']})",
+        f"({metrics['matched_objects']}/{metrics['gt_objects']} objects matched at IoU {metrics['iou_threshold']}), "
+        f"AP50 {metrics['ap50']:.3f}, AP75 {metrics['ap75']:.3f} (ranked by {metrics['ap_score']})",
         file=sys.stderr,
     )
 

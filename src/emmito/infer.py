@@ -49,15 +49,13 @@ from emmito.io import EmmitoError, atomic_directory, create_volume, open_volume,
 from emmito.model import embedding_dim, heat_model, network_from_checkpoint, output_channels, pooling_for_volume, resolve_model_config
 from emmito.prediction import predict_slices, to_heat
 from emmito.tiling import Tiling, batch_windows, plan_tiling
-from emmito.resampling import mean_pool_xy
-from emmito.runtime import pick_device, thread_count
+from emmito.resampling import mean_pool_xy, pooled_shape
+from emmito.runtime import keep_freed_memory, pick_device, thread_count
 
 
 def volume_tiling(model_cfg: dict[str, Any], infer_cfg: dict[str, Any], shape: Sequence[int], factor: int = 1) -> Tiling:
     """The window grid (``tiling.plan_tiling``) of a full-resolution volume of ``shape`` (z, y, x) pooled by ``factor``."""
-    depth, height, width = (int(s) for s in shape)
-    pooled = (depth, -(-height // factor), -(-width // factor))
-    return plan_tiling(model_cfg, infer_cfg, pooled, len(output_channels(model_cfg)))
+    return plan_tiling(model_cfg, infer_cfg, pooled_shape(shape, factor), len(output_channels(model_cfg)))
 
 
 def infer_chunks(
@@ -295,6 +293,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     No ``--params`` needed: the model section comes from the checkpoint, the rest are the defaults.
     With ``--chunks`` the folder appears whole (``contract.heat_chunk_name`` files) or not at all.
     """
+    keep_freed_memory()
     infer_cfg = params["infer"]
     torch.set_num_threads(thread_count(infer_cfg["threads"]))
     device = pick_device(log=lambda line: print(f"emmito infer: {line}", file=sys.stderr, flush=True))

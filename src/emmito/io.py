@@ -267,6 +267,35 @@ def read_volume(
         return data, volume_attrs(ds)
 
 
+def write_table(ds: h5py.Dataset, name: str, table: np.ndarray, columns: tuple[str, ...]) -> None:
+    """Store ``table`` (int64 (rows, len(columns))) as dataset ``name`` beside ``ds`` in its file, columns named in an attribute.
+
+    Uncompressed and contiguous (a few bytes per object), so any HDF5 reader
+    opens it without a filter plugin; no timestamps, so same table, same bytes.
+    """
+    table = np.asarray(table, dtype=np.int64).reshape(-1, len(columns))
+    table_ds = ds.file.create_dataset(name, data=table, track_times=False)
+    table_ds.attrs[contract.SCORE_COLUMNS_ATTR] = list(columns)
+
+
+def read_table(ds: h5py.Dataset, name: str, columns: tuple[str, ...]) -> np.ndarray | None:
+    """The int64 table ``name`` beside ``ds`` (``write_table``), or None where the file has none.
+
+    Raises a one-line EmmitoError naming the file when the table is not one of ``columns``.
+    """
+    if name not in ds.file:
+        return None
+    table_ds = ds.file[name]
+    stored = table_ds.attrs.get(contract.SCORE_COLUMNS_ATTR)
+    stored = None if stored is None else [str(c) for c in stored]
+    if not isinstance(table_ds, h5py.Dataset) or table_ds.ndim != 2 or stored != list(columns):
+        raise EmmitoError(
+            f"{ds.file.filename}: '{name}' is not a table of columns {', '.join(columns)}: "
+            "rerun the stage that wrote the file"
+        )
+    return np.asarray(table_ds[...], dtype=np.int64)
+
+
 def volume_attrs(ds: h5py.Dataset) -> dict[str, Any]:
     """The emmito attributes of a dataset, with defaults for files made elsewhere (``contract.read_attrs``)."""
     return contract.read_attrs(ds)

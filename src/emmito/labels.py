@@ -5,7 +5,8 @@ global ids) and anything else that rewrites ids. fastremap does the remapping
 in place, so a block needs no second block-sized array.
 
 ``ObjectStatistics`` counts voxels and bounding boxes region by region (measure,
-export); ``write_objects`` / ``read_objects`` write and read objects.csv
+export); ``slice_heat_sums`` sums a heatmap over each object's voxels slice by
+slice (segment's object scores, ``contract.SLICE_SCORES``); ``write_objects`` / ``read_objects`` write and read objects.csv
 (``contract.OBJECT_COLUMNS``), the table of every object the measure stage makes.
 """
 
@@ -80,6 +81,36 @@ def drop_wide_objects(labels: np.ndarray, max_area: int) -> np.ndarray:
     if keep[1:].all():
         return labels
     return apply_lut(labels, keep_lut(keep))
+
+
+def slice_heat_sums(labels: np.ndarray, heat: Any, slab_slices: int = 8) -> np.ndarray:
+    """Per (object, slice): its voxels and the sum of ``heat`` over them, as int64 rows (id, z, voxels, heat_sum).
+
+    ``labels``: uint (z, y, x) ids, 0 = background; ``heat``: uint8 (z, y, x)
+    of the same shape, an array or a lazy one (an h5py dataset, a heat
+    channel) read ``slab_slices`` slices at a time, so memory beyond
+    ``labels`` is a slab. Rows in (z, id) order (``contract.SLICE_SCORE_COLUMNS``);
+    the sums are exact (integers). An object's mean heat over any set of its
+    slices is then the sum of those rows' heat_sum over their voxels.
+    """
+    if tuple(heat.shape) != tuple(labels.shape):
+        raise ValueError(f"labels {labels.shape} and heat {tuple(heat.shape)} differ in shape")
+    rows = [np.zeros((0, 4), np.int64)]
+    for z_start in range(0, labels.shape[0], slab_slices):
+        heat_slab = np.asarray(heat[z_start : z_start + slab_slices])
+        for k in range(heat_slab.shape[0]):
+            plane = labels[z_start + k].reshape(-1)
+            inside = np.flatnonzero(plane)
+            if len(inside) == 0:
+                continue
+            ids = plane[inside].astype(np.int64)
+            counts = np.bincount(ids)
+            sums = np.bincount(ids, weights=heat_slab[k].reshape(-1)[inside])
+            present = np.flatnonzero(counts)
+            rows.append(np.stack(
+                [present, np.full(len(present), z_start + k), counts[present], np.rint(sums[present])], axis=1
+            ).astype(np.int64))
+    return np.concatenate(rows)
 
 
 class ObjectStatistics:

@@ -66,8 +66,12 @@ def ohem_threshold(probability_of_truth: torch.Tensor, threshold: float, min_kep
     """
     flat = probability_of_truth.flatten()
     k = max(1, min(int(min_kept), flat.numel()))
-    kth = torch.kthvalue(flat, k).values
-    return torch.maximum(kth, torch.tensor(threshold, dtype=flat.dtype, device=flat.device))
+    floor = torch.tensor(threshold, dtype=flat.dtype, device=flat.device)
+    # Where k voxels or more are at or below the threshold, so is the k-th smallest: the cut is the
+    # threshold, exactly, and the selection (a copy and a partial sort of every voxel) can be skipped.
+    if int((flat <= floor).sum()) >= k:
+        return floor
+    return torch.maximum(torch.kthvalue(flat, k).values, floor)
 
 
 def ohem_bce(
@@ -84,7 +88,8 @@ def ohem_bce(
     keep = probability_of_truth <= cut
     losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     kept = int(keep.sum())
-    return losses[keep].sum() / max(kept, 1), cut, kept
+    # A masked sum, not losses[keep]: no gather of the kept voxels forward, no scatter backward.
+    return torch.where(keep, losses, 0.0).sum() / max(kept, 1), cut, kept
 
 
 def _binary_terms(

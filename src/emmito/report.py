@@ -1,8 +1,10 @@
 """Plots and a table for the Snakemake report (``snakemake --report report.html``), with matplotlib.
 
 - training: loss and learning rate per iteration, validation IoU (metrics.jsonl);
-- scores: precision, recall and F1 (instance and voxel) and F1 against the IoU
-  threshold (metrics.json), plus metrics.json as an HTML table;
+- scores: precision, recall and F1 (instance and voxel), F1 against the IoU
+  threshold, and the field's metrics: AP at IoU 0.50 / 0.75, F1 per object-size
+  tercile, adapted Rand error and variation of information (metrics.json),
+  plus metrics.json as an HTML table;
 - volume: EM slices with the segmentation overlaid in colour (only the slices
   shown are read) and the per-object size histogram (trace.json);
 - objects: the distributions of object volume and skeleton length (objects.csv,
@@ -118,10 +120,47 @@ SCORE_BARS = (
 )
 
 
+# The field's metrics (metrics.json keys), as bars of one panel: AP, F1 per size tercile, adapted Rand error.
+FIELD_BARS = (
+    ("AP@.50", "ap50", "tab:purple"),
+    ("AP@.75", "ap75", "tab:purple"),
+    ("F1 small", "f1_small", "tab:green"),
+    ("F1 medium", "f1_medium", "tab:green"),
+    ("F1 large", "f1_large", "tab:green"),
+    ("ARAND", "arand", "tab:red"),
+)
+
+
+def plot_field_metrics(axis: Any, metrics: dict[str, Any]) -> None:
+    """AP at IoU 0.50/0.75, F1 per gt size tercile and the adapted Rand error as bars; VOI in the title.
+
+    A key missing from ``metrics`` (an older metrics.json) or None (no ground
+    truth to split into terciles) leaves its bar out.
+    """
+    shown = [(name, metrics[key], colour) for name, key, colour in FIELD_BARS if metrics.get(key) is not None]
+    for x, (name, value, colour) in enumerate(shown):
+        axis.bar(x, value, 0.6, color=colour)
+        axis.text(x, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(shown)))
+    axis.set_xticklabels([name for name, _, _ in shown], rotation=30, ha="right", fontsize=8)
+    axis.set_ylim(0, 1.15)
+    bounds = metrics.get("size_tercile_bounds")
+    ranked = {"mean_probability": "ranked by mean probability", "voxel_count": "ranked by size"}.get(metrics.get("ap_score"), "")
+    notes = [ranked] + ([f"terciles at {bounds[0]:g}, {bounds[1]:g} voxels"] if bounds else [])
+    axis.set_xlabel("; ".join(n for n in notes if n), fontsize=8)
+    if "voi_split" in metrics and "voi_merge" in metrics:
+        axis.set_title(f"VOI split {metrics['voi_split']:.3f}, merge {metrics['voi_merge']:.3f} bits", fontsize=10)
+    else:
+        axis.set_title("field metrics", fontsize=10)
+    if not shown:
+        axis.text(0.5, 0.5, "not in metrics.json\n(rerun evaluate)", ha="center", va="center", transform=axis.transAxes)
+
+
 def plot_scores(metrics: dict[str, Any], out: Path) -> None:
-    """Precision, recall and F1 bars (instance and voxel, values written on them) and F1 against the IoU threshold."""
+    """Precision, recall and F1 bars (instance and voxel, values written on them), F1 against the IoU threshold,
+    and the field's metrics (``plot_field_metrics``)."""
     plt = _pyplot()
-    figure, (bar_axis, curve_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (bar_axis, curve_axis, field_axis) = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [5, 5, 6]})
     width = 0.25
     for row, (group, *keys) in enumerate(SCORE_BARS):
         for column, (key, name, colour) in enumerate(zip(keys, ("precision", "recall", "F1"), ("tab:blue", "tab:orange", "tab:green"))):
@@ -147,6 +186,7 @@ def plot_scores(metrics: dict[str, Any], out: Path) -> None:
     curve_axis.set_ylabel("instance F1")
     curve_axis.set_title("F1 against IoU threshold")
     curve_axis.grid(alpha=0.3)
+    plot_field_metrics(field_axis, metrics)
     figure.tight_layout()
     _save(figure, out)
 

@@ -42,6 +42,12 @@ def pooling_factor(
     return best if pooling_mismatch(voxel_yx, trained_yx, best) <= tolerance + 1e-9 else None
 
 
+def pooled_shape(shape: tuple[int, ...] | list[int], factor: int) -> tuple[int, int, int]:
+    """(z, y, x) of a full-resolution volume of ``shape`` after ``mean_pool_xy`` by ``factor`` (partial edge windows kept)."""
+    depth, height, width = (int(s) for s in shape)
+    return depth, -(-height // factor), -(-width // factor)
+
+
 def mean_pool_xy(slices: np.ndarray, factor: int) -> np.ndarray:
     """Mean-pool (z, y, x) slices by ``factor`` in y and x; returns float32 (z, ceil(y/f), ceil(x/f)).
 

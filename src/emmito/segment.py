@@ -5,6 +5,10 @@ the file and the fix), hands ``decoders.decode`` the file's channels by name as
 lazy arrays (each is read only when the decoder needs it) with the support set
 where the decoder needs one, and writes the labels (block-local ids) with the
 heat file's volume frame. The decoders themselves live in ``emmito.decoders``.
+Beside the labels it writes their score rows (``contract.SLICE_SCORES``): per
+object and slice, the voxels and the sum of the foreground heat over them
+(``labels.slice_heat_sums``), from which trace gives each traced object its
+mean foreground probability, the score evaluate ranks objects by.
 
 The settings it decodes with (``tuning.resolve_settings``): the schema
 defaults, then the settings tuned for the model (``--decoder-settings``: the
@@ -24,7 +28,8 @@ import numpy as np
 
 from emmito import config, contract, decoders, embedding, runtime, tuning
 from emmito.decoders import DECODER_CHANNELS, EMBEDDING_DECODERS, HEAT_CHANNEL
-from emmito.io import EmmitoError, create_volume, open_volume
+from emmito.io import EmmitoError, create_volume, open_volume, write_table
+from emmito.labels import slice_heat_sums
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,33 @@ def segment_settings(params: dict[str, Any], decoder: str, attrs: dict[str, Any]
     return settings
 
 
+def block_scores(ds: Any, attrs: dict[str, Any], decoder: str, labels: np.ndarray) -> np.ndarray | None:
+    """The object-score rows of a decoded block (``contract.SLICE_SCORES``), or None where the heat has no foreground.
+
+    The heat is the channel that plays the foreground's part for ``decoder``
+    (``decoders.resolve_decoder``: ``foreground``, or ``skeleton_distance``
+    for such a model under ``auto``), read a slab at a time: each object's
+    voxels and heat sum per slice, so that trace can keep the slices a block owns.
+    """
+    names = _file_channels(attrs, tuple(ds.shape))
+    heat_name = decoders.resolve_decoder(decoder, contract.channel_names(attrs))[1]
+    if heat_name not in names:
+        print(f"emmito segment: no '{heat_name}' channel: the objects get no score", file=sys.stderr)
+        return None
+    return slice_heat_sums(labels, HeatChannel(ds, names.index(heat_name)))
+
+
+def write_block(out: Any, labels: np.ndarray, attrs: dict[str, Any], scores: np.ndarray | None) -> None:
+    """seg/block_{b}.h5: the labels with the heat file's frame, and their score rows where there are some."""
+    with create_volume(
+        out, labels.shape, np.uint32, voxel_size=contract.voxel_size(attrs), offset=contract.offset(attrs),
+        attrs=contract.frame_attrs(attrs),
+    ) as ds:
+        ds[...] = labels
+        if scores is not None:
+            write_table(ds, contract.SLICE_SCORES, scores, contract.SLICE_SCORE_COLUMNS)
+
+
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito segment HEAT OUT [--decoder-settings JSON]``: heat/block_{b}.h5 -> seg/block_{b}.h5 (block-local ids)."""
     runtime.keep_freed_memory()
@@ -138,9 +170,6 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
         labels = decoders.decode(
             heat_channels(ds, attrs), section, progress=True, support=support, embedding_range=embedding_range
         )
+        scores = block_scores(ds, attrs, params["segment"]["decoder"], labels)
     print(f"emmito segment: {int(labels.max())} objects in {labels.shape[0]} slices ({decoder})", file=sys.stderr)
-    with create_volume(
-        args.out, labels.shape, np.uint32, voxel_size=contract.voxel_size(attrs), offset=contract.offset(attrs),
-        attrs=contract.frame_attrs(attrs),
-    ) as out:
-        out[...] = labels
+    write_block(args.out, labels, attrs, scores)

@@ -21,6 +21,11 @@ METRIC_ROWS = (
     ("voxel IoU (foreground)", "voxel_iou", None),
     ("voxel precision", "voxel_precision", None),
     ("voxel recall", "voxel_recall", None),
+    ("AP@IoU 0.50", "ap50", None),
+    ("AP@IoU 0.75", "ap75", None),
+    ("VOI split (bits)", "voi_split", None),
+    ("VOI merge (bits)", "voi_merge", None),
+    ("adapted Rand error", "arand", None),
 )
 
 
@@ -65,6 +70,7 @@ def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) ->
             for key in ("gt_objects", "predicted_objects", "matched_objects"):
                 if key in metrics:
                     lines.append(f"  {key:<28} {metrics[key]}")
+            lines += _field_lines(metrics)
     lines.append("")
     lines.append("report     snakemake --report report.html  (training curves, scores, overlays, object sizes)")
     return "\n".join(lines)
@@ -85,3 +91,18 @@ def _object_lines(objects_csv: Path) -> list[str]:
     length = float(np.median([row["length_um"] for row in rows]))
     cut = sum(row["touches_edge"] for row in rows)
     return [f"  median object        {volume:.4g} µm³, {length:.3g} µm long ({cut} of {len(rows)} cut by the volume's edge)"]
+
+
+def _field_lines(metrics: dict[str, Any]) -> list[str]:
+    """What ranked the objects for AP, and instance F1 per gt size tercile with the terciles' bounds."""
+    lines = []
+    if "ap_score" in metrics:
+        lines.append(f"  {'AP ranked by':<28} {metrics['ap_score']}")
+    bounds = metrics.get("size_tercile_bounds")
+    f1s = [metrics.get(f"f1_{name}") for name in ("small", "medium", "large")]
+    if bounds and None not in f1s:
+        lines.append(
+            f"  {'F1 small/medium/large':<28} {f1s[0]:.3f} / {f1s[1]:.3f} / {f1s[2]:.3f}"
+            f"  (gt terciles: < {bounds[0]}, < {bounds[1]}, >= {bounds[1]} voxels)"
+        )
+    return lines

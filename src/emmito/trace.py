@@ -11,6 +11,12 @@ Two passes, one block in memory at a time:
    only slices kept from one block to the next) and take the statistics of the
    slices it owns (ids, voxel counts, bounding boxes);
 2. read each block's owned slices again, remap them to global ids, write them.
+
+Object scores (``contract.SLICE_SCORES`` in the blocks, where segment wrote
+them): the rows of the slices each block owns are summed per global id into
+seg_infer.h5's ``contract.OBJECT_SCORES`` (``traced_scores``), so a traced
+object's mean foreground heat is over exactly its voxels, whichever blocks
+its parts came from (the voxel-weighted mean of the parts).
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from tqdm import tqdm
 
 from emmito import contract
 from emmito.blocks import Layout
-from emmito.io import EmmitoError, create_volume, open_volume, read_volume, volume_attrs, write_json
+from emmito.io import EmmitoError, create_volume, open_volume, read_table, read_volume, volume_attrs, write_json, write_table
 from emmito.labels import apply_lut
 
 # Reads slices [start, stop) (block-local indices) of block b: (b, start, stop) -> uint32 (z, y, x).
 BlockReader = Callable[[int, int, int], np.ndarray]
+# Block b's score rows (contract.SLICE_SCORE_COLUMNS: id, z, voxels, heat_sum), or None where it has none.
+ScoreReader = Callable[[int], "np.ndarray | None"]
 
 
 def match_overlap(
@@ -153,6 +161,54 @@ def owned_statistics(owned: np.ndarray, z_offset: int) -> OwnedStatistics:
     return OwnedStatistics(ids[starts].astype(np.int64), voxel_counts, boxes)
 
 
+class StaleScores(EmmitoError):
+    """Block ``block``'s score rows do not count the voxels of its labels (a file changed after segment wrote it)."""
+
+    def __init__(self, block: int, where: str | None = None) -> None:
+        self.block = block
+        super().__init__(
+            f"{where or f'block {block}'}: its object scores ({contract.SLICE_SCORES}) do not count the voxels of "
+            "its labels: rerun emmito segment for it"
+        )
+
+
+def traced_scores(
+    read_scores: ScoreReader, layout: Layout, id_maps: list[dict[int, int]], owned_stats: list[OwnedStatistics], n_objects: int
+) -> np.ndarray | None:
+    """The object-score table of the traced volume (``contract.OBJECT_SCORE_COLUMNS``: id, voxels, heat_sum), or None.
+
+    Block b's rows of the slices it owns are summed per global id: a global
+    object's voxels and heat sum are those of exactly its traced voxels, so its
+    mean (heat_sum / voxels) is the voxel-weighted mean of the block-local
+    objects joined into it. None where some block has no rows (a block from
+    elsewhere: a partial table would rank objects unevenly). Reads one block's
+    rows at a time; raises ``StaleScores`` where a block's rows do not count its labels.
+    """
+    voxels = np.zeros(n_objects + 1, dtype=np.int64)
+    heat_sums = np.zeros(n_objects + 1, dtype=np.int64)
+    for b, stats in enumerate(owned_stats):
+        rows = read_scores(b)
+        if rows is None:
+            print(f"emmito trace: block {b} has no object scores: the traced objects get none", file=sys.stderr)
+            return None
+        own_start, own_stop = layout.block_own_range(b)
+        rows = rows[(rows[:, 1] >= 0) & (rows[:, 1] < own_stop - own_start)]
+        where = np.searchsorted(stats.ids, rows[:, 0])
+        known = where < len(stats.ids)
+        known[known] = stats.ids[where[known]] == rows[known, 0]
+        counted = np.zeros(len(stats.ids), dtype=np.int64)
+        np.add.at(counted, where[known], rows[known, 2])
+        if not known.all() or not np.array_equal(counted, stats.voxels):
+            raise StaleScores(b)
+        lut = np.zeros(int(stats.ids[-1]) + 1 if len(stats.ids) else 1, dtype=np.int64)
+        if len(stats.ids):
+            lut[stats.ids] = [id_maps[b][i] for i in stats.ids.tolist()]
+        np.add.at(voxels, lut[rows[:, 0]], rows[:, 2])
+        np.add.at(heat_sums, lut[rows[:, 0]], rows[:, 3])
+    ids = np.arange(1, n_objects + 1, dtype=np.int64)
+    return np.stack([ids, voxels[1:], heat_sums[1:]], axis=1)
+
+
 def shared_slab(layout: Layout, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Block-local slice ranges of the slab that blocks b and b+1 both see: (in b, in b+1).
 
@@ -173,10 +229,15 @@ def trace(
     threshold: float,
     write_slab: Callable[[int, np.ndarray], None],
     progress: bool = False,
+    read_scores: ScoreReader | None = None,
+    write_scores: Callable[[np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Trace all blocks: calls ``write_slab(z_start, global_ids)`` for each block's owned slices.
 
-    ``layout`` (with the volume's depth) says where each block sits.
+    ``layout`` (with the volume's depth) says where each block sits. With
+    ``read_scores`` and ``write_scores``, the blocks' score rows become one row
+    per global id (``traced_scores``), handed to ``write_scores``; nothing is
+    written where a block has none.
 
     Returns the trace record: {"blocks", "objects", "id_map"} (see trace.json).
     """
@@ -202,6 +263,9 @@ def trace(
 
     id_maps = resolve_ids(block_ids, [s.ids for s in owned_stats], matches)
     n_objects = max((max(m.values()) for m in id_maps if m), default=0)
+    scores = traced_scores(read_scores, layout, id_maps, owned_stats, n_objects) if read_scores else None
+    if scores is not None and write_scores is not None:
+        write_scores(scores)
     voxels = np.zeros(n_objects + 1, dtype=np.int64)
     box_low = np.full((n_objects + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
     box_high = np.zeros((n_objects + 1, 3), dtype=np.int64)
@@ -332,6 +396,10 @@ def trace_files(
     def read_block(b: int, start: int, stop: int) -> np.ndarray:
         return read_volume(ordered[b], start, stop)[0]
 
+    def read_scores(b: int) -> np.ndarray | None:
+        with open_volume(ordered[b]) as block:
+            return read_table(block, contract.SLICE_SCORES, contract.SLICE_SCORE_COLUMNS)
+
     kept = contract.frame_attrs(attrs)
     shape = (layout.depth, *shape_yx)
     with create_volume(out, shape, np.uint32, voxel_size=contract.voxel_size(attrs), offset=0, attrs=kept) as ds:
@@ -339,7 +407,13 @@ def trace_files(
         def write_slab(z_start: int, slab: np.ndarray) -> None:
             ds[z_start : z_start + slab.shape[0]] = slab
 
-        record = trace(read_block, layout, criterion, threshold, write_slab, progress)
+        def write_scores(table: np.ndarray) -> None:
+            write_table(ds, contract.OBJECT_SCORES, table, contract.OBJECT_SCORE_COLUMNS)
+
+        try:
+            record = trace(read_block, layout, criterion, threshold, write_slab, progress, read_scores, write_scores)
+        except StaleScores as exc:
+            raise StaleScores(exc.block, str(ordered[exc.block])) from None
     write_json(id_map_path, record)
     return record
 

@@ -5,8 +5,10 @@ Images are mean-pooled by ``model.downsample_xy`` and labels mode-pooled
 trains at the scale it infers at. Targets (``model.target``, see
 ``emmito.targets``) are computed once per volume at that scale; patches are
 drawn at random (a fraction centred on a labelled voxel) and augmented
-(``emmito.augment``). The loss (``losses.TrainingLoss``) weighs the losses per
-target by ``train.loss_weights``; optional auxiliary heads add
+(``emmito.augment``) by ``train.workers`` DataLoader worker processes, a few
+batches ahead of the network (``batch_stream``; 0: by the loop itself). The
+loss (``losses.TrainingLoss``) weighs the losses per target by
+``train.loss_weights``; optional auxiliary heads add
 ``train.aux_loss_weight`` times the same loss, an embedding head the
 discriminative loss. AdamW, linear warm-up then cosine decay, gradient
 clipping; AMP on CUDA only.
@@ -33,24 +35,28 @@ brings their voxels nearest the checkpoint's (``model.pooling_for_volume``).
 the stem and every encoder level are frozen; the decoder levels, their
 upsampling projections and the heads learn).
 
-On CPU the same config and seed give a byte-identical checkpoint: one seeded
-numpy Generator draws every patch and augmentation, torch is seeded and runs
-deterministic algorithms, and the checkpoint holds nothing time-dependent.
-Training saves a resume state every ``train.save_every`` iterations (model,
-optimiser, scheduler, both RNG states, iteration, best weights, metrics); a
-rerun continues from it and ends with the same weights as an uninterrupted run.
+On CPU the same config and seed give a byte-identical checkpoint, for any
+``train.workers``: every sample's patch and augmentation are drawn from a
+Generator of its own, a pure function of (seed, iteration, its index in the
+global batch) (``sample_generator``), so no draw depends on who makes the batch
+or on what came before; torch is seeded and runs deterministic algorithms, and
+the checkpoint holds nothing time-dependent. Training saves a resume state
+every ``train.save_every`` iterations (model, optimiser, scheduler, torch's RNG
+state, iteration, best weights, metrics: the batches need no state); a rerun
+continues from it and ends with the same weights as an uninterrupted run.
 ``train.max_minutes`` (off by default) stops by wall time instead and stretches
 the cosine over that time: quicker to plan on a shared machine, but not
 reproducible.
 
 Data-parallel (``train.devices`` > 1, one node): ``train_files`` claims the
 devices and starts one rank per device (``emmito.distributed.launch``). Every
-rank draws the whole global batch (``train.batch_size``) from the same seeded
-Generator, exactly as one process does, and runs the network on its own
-``batch_size / devices`` samples; the loss is the whole batch's on every rank
-(``distributed.gather_batch``: class-balanced BCE, Dice and OHEM are no means
-over samples), so the loss, its gradient and the log equal one process's up
-to rounding (measured on CPU: 3e-7 relative over 30 iterations). BatchNorm
+rank draws and augments only its own ``batch_size / devices`` samples of the
+global batch (``train.batch_size``), the very samples one process draws there
+(``sample_generator``), and runs the network on them; the loss is the whole
+batch's on every rank (``distributed.gather_batch`` gathers the outputs and the
+targets: class-balanced BCE, Dice and OHEM are no means over samples), so
+the loss, its gradient and the log equal one process's up to rounding
+(measured on CPU: 3e-7 relative over 30 iterations). BatchNorm
 becomes SyncBatchNorm (GPUs only). Rank 0 alone validates, logs and writes
 the resume state and the checkpoint (the bare network's weights, as one
 process writes them); every rank resumes from that state. The same device
@@ -60,6 +66,7 @@ count and seed give the same checkpoint; another count the same up to rounding.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -67,9 +74,10 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +91,7 @@ from emmito import __version__, contract
 from emmito.augment import augment_patch
 from emmito.config import PARAMS_EXPLICIT, section_defaults, stage_params
 from emmito.decoders import segment_block
-from emmito.distributed import Rank, broadcast_float, check_split, gather_batch, launch, resolve_devices
+from emmito.distributed import Rank, broadcast_float, check_split, die_with_parent, gather_batch, launch, resolve_devices
 from emmito.embedding import build_support_set, heat_to_embeddings
 from emmito.io import EmmitoError, atomic_path, read_volume
 from emmito.losses import TrainingLoss, TrainingLossParts
@@ -101,7 +109,7 @@ from emmito.model import (
 )
 from emmito.prediction import DEFAULT_INPUT_NORM, predict_volume, to_heat
 from emmito.resampling import POOLING_TOLERANCE, pool_pair, pooling_mismatch
-from emmito.runtime import autocast, claim_devices, thread_count
+from emmito.runtime import autocast, claim_devices, keep_freed_memory, thread_count
 from emmito.targets import make_target
 from emmito.tiling import PATCH_GRID
 
@@ -153,13 +161,30 @@ class PatchSampler:
             self.foreground.append(np.flatnonzero(label))
         sizes = np.array([image.size for image, _ in self.volumes], dtype=np.float64)
         self.volume_probability = sizes / sizes.sum()
+        # Hard negatives (``mine_hard_negatives``): flat indices, per volume, of background voxels the model
+        # called foreground at the last mining; a ``hard_fraction`` of the patches is centred on one of them.
+        self.hard: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in self.volumes]
+        self.hard_fraction = 0.0
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One (image (z, y, x), target float32 (channel, z, y, x)) patch pair."""
+        patch = np.array(self.patch)
+        hard_count = sum(h.size for h in self.hard)
+        # no draw at all while there is nothing mined: the stream is the plain sampler's until then
+        if hard_count and rng.random() < self.hard_fraction:
+            pick = int(rng.integers(hard_count))
+            index = 0
+            while pick >= self.hard[index].size:
+                pick -= self.hard[index].size
+                index += 1
+            image, target = self.volumes[index]
+            centre = np.array(np.unravel_index(self.hard[index][pick], image.shape))
+            start = np.clip(centre - patch // 2, 0, np.array(image.shape) - patch)
+            box = tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
+            return image[box], target[(slice(None), *box)]
         index = int(rng.choice(len(self.volumes), p=self.volume_probability))
         image, target = self.volumes[index]
         shape = np.array(image.shape)
-        patch = np.array(self.patch)
         foreground = self.foreground[index]
         if rng.random() < self.foreground_fraction and foreground.size:
             centre = np.array(np.unravel_index(foreground[rng.integers(foreground.size)], image.shape))
@@ -192,6 +217,33 @@ def window_settings(model_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> dic
             "batch_size": train_cfg["batch_size"], "tile_memory_mb": 2**20,
         },
     }
+
+
+def mining_settings(model_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What ``predict_volume`` reads when mining hard negatives: the schema's infer grid (large windows, little
+    overlap: about 1.4 voxels through the network per voxel, a few seconds per training volume on a CPU)."""
+    return {"model": model_cfg, "infer": {**section_defaults("infer"), "batch_size": train_cfg["batch_size"]}}
+
+
+def mine_hard_negatives(
+    model: torch.nn.Module, sampler: PatchSampler, settings: dict[str, Any], threshold: float, device: torch.device,
+    input_norm: dict[str, float],
+) -> list[np.ndarray]:
+    """Per training volume of ``sampler``: flat indices of its background voxels the model gives a foreground
+    probability of at least ``threshold`` (the first output channel): where it is confidently wrong.
+
+    ``settings``: ``mining_settings``'. The model is put back in training mode.
+    """
+    model.eval()
+    hard = []
+    with torch.no_grad():
+        for (image, _), foreground in zip(sampler.volumes, sampler.foreground):
+            probability = predict_volume(model, image, settings, device, input_norm, tta=1)[0]
+            wrong = probability.reshape(-1) >= threshold
+            wrong[foreground] = False
+            hard.append(np.flatnonzero(wrong))
+    model.train()
+    return hard
 
 
 @functools.cache
@@ -319,37 +371,116 @@ def training_setup(params: dict[str, Any], voxel_size: list[float] | None = None
 # ---- one run: batches, steps, the log ---------------------------------------------------------
 
 
-def assemble_batch(
-    sampler: PatchSampler, rng: np.random.Generator, train_cfg: dict[str, Any], input_norm: dict[str, float], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training batch: (inputs float32 (batch, 1, z, y, x), targets float32 (batch, channel, z, y, x)) on ``device``.
+def sample_generator(seed: int, iteration: int, index: int) -> np.random.Generator:
+    """The Generator of sample ``index`` (0-based, in the global batch) of 1-based ``iteration``.
 
-    ``train.batch_size`` patches drawn from ``sampler``, normalised, then augmented where
-    ``train.augment``; every draw is from ``rng``, in that order.
+    A pure function of the three (``SeedSequence`` spawn keys: independent streams),
+    so that a sample is the same whoever draws it and whenever: a loader worker or
+    the loop itself, any worker count, a run resumed at any iteration, any rank.
+    """
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(iteration, index))))
+
+
+def assemble_batch(
+    sampler: PatchSampler, seed: int, iteration: int, samples: range, train_cfg: dict[str, Any], input_norm: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``samples`` of ``iteration``'s global batch, on the CPU.
+
+    (inputs float32 (n, 1, z, y, x), targets float32 (n, channel, z, y, x)). Each patch
+    is drawn from ``sampler``, normalised, then augmented where ``train.augment``, every
+    draw from its own ``sample_generator(seed, iteration, index)``.
     """
     images, targets = [], []
-    for _ in range(train_cfg["batch_size"]):
+    for index in samples:
+        rng = sample_generator(seed, iteration, index)
         image, target = sampler.sample(rng)
         image = (image.astype(np.float32) - input_norm["mean"]) / input_norm["std"]
         if train_cfg["augment"]:
             image, target = augment_patch(image, np.array(target, dtype=np.float32), rng, train_cfg)
         images.append(np.ascontiguousarray(image, dtype=np.float32))
         targets.append(np.ascontiguousarray(target, dtype=np.float32))
-    inputs = torch.from_numpy(np.stack(images))[:, None].to(device)
-    return inputs, torch.from_numpy(np.stack(targets)).to(device)
+    return torch.from_numpy(np.stack(images))[:, None], torch.from_numpy(np.stack(targets))
+
+
+class Batches(torch.utils.data.Dataset):
+    """Iterations ``first`` .. ``last``'s batches (``assemble_batch``'s, samples ``samples`` of each), by position 0, 1, ...
+
+    A map-style dataset for ``batch_stream``'s DataLoader: an item depends on its
+    iteration alone, never on what was drawn before, so any worker may make it.
+    """
+
+    def __init__(
+        self, sampler: PatchSampler, seed: int, first: int, last: int, samples: range, train_cfg: dict[str, Any],
+        input_norm: dict[str, float],
+    ):
+        self.sampler, self.seed, self.first, self.last, self.samples = sampler, seed, first, last, samples
+        self.train_cfg, self.input_norm = train_cfg, input_norm
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= position < len(self):
+            raise IndexError(position)
+        return assemble_batch(self.sampler, self.seed, self.first + position, self.samples, self.train_cfg, self.input_norm)
+
+
+LOADER_PREFETCH = 2  # batches each loader worker keeps ready: the queue holds at most workers x this
+
+
+def _loader_worker_init(parent: int, worker_id: int) -> None:
+    """A loader worker's start: die with the training process (PR_SET_PDEATHSIG), leave SIGTERM to it.
+
+    torch has set the worker's threads to 1 and seeded its own RNGs, which no
+    batch reads (``sample_generator``). A SIGTERM sent to the job's whole process
+    group is the training process's to handle (it unwinds and stops its workers);
+    a SIGKILLed training process takes its workers along.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent)
+
+
+@contextlib.contextmanager
+def batch_stream(
+    batches: Batches, workers: int, pin_memory: bool = False
+) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """``batches`` in order, made by ``workers`` DataLoader worker processes ahead of the loop (0: by the loop itself).
+
+    The workers are forked (on Linux: the training volumes are shared copy-on-write,
+    not copied) and each keeps ``LOADER_PREFETCH`` batches ready, so that sampling
+    and augmentation overlap the network's step. The batches are the same for any
+    worker count. The workers end when the block does, however it ends (the last
+    iteration, ``stop_after``, the time budget, an exception).
+    """
+    if workers == 0 or len(batches) == 0:
+        yield (batches[position] for position in range(len(batches)))
+        return
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=LOADER_PREFETCH, pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_loader_worker_init, os.getpid()),
+        multiprocessing_context="fork" if sys.platform.startswith("linux") else None,
+        # Its own generator: the workers' base seed is drawn from it, not from torch's global RNG (the resume state's).
+        generator=torch.Generator().manual_seed(0),
+    )
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        iterator._shutdown_workers()  # now, not whenever the iterator is collected (a traceback may hold it)
 
 
 class _Run:
-    """One training run's moving parts: the sampler and its Generator, the model and what steps it, the log so far.
+    """One training run's moving parts: the sampler, the model and what steps it, the log so far.
 
-    ``resume_state``/``restore`` hold and give back all of it (with torch's RNG),
-    so that a rerun continues exactly where a preempted one stopped.
+    ``resume_state``/``restore`` hold and give back all of it (with torch's RNG;
+    the batches need no state: ``sample_generator``), so that a rerun continues
+    exactly where a preempted one stopped.
 
     With ``rank`` (one process of a data-parallel run, ``emmito.distributed``):
     ``model`` is the bare network (what is validated and saved: no ``module.``
     prefix), ``network`` its DistributedDataParallel wrapper (``_data_parallel``);
-    every rank holds the same Generator state and assembles the same global
-    batch, and ``step`` runs its own part of it.
+    every rank draws only its own part of the global batch (``samples``), and
+    ``step`` gathers the whole batch's outputs and targets for the loss.
     """
 
     def __init__(
@@ -357,8 +488,7 @@ class _Run:
         rank: Rank | None = None,
     ):
         model_cfg, train_cfg = setup.model_cfg, params["train"]
-        self.train_cfg, self.device, self.rank = train_cfg, device, rank
-        self.rng = np.random.default_rng(params["seed"])
+        self.train_cfg, self.device, self.rank, self.seed = train_cfg, device, rank, params["seed"]
         embedding_channels = embedding_dim(model_cfg)
         self.sampler = PatchSampler(
             train_volumes,
@@ -368,6 +498,7 @@ class _Run:
             model_cfg["contour_width"],
             instances=embedding_channels > 0,
         )
+        self.sampler.hard_fraction = train_cfg["hard_negatives"]["fraction"]
         self.loss = TrainingLoss(model_cfg["target"], train_cfg, embedding_channels)
         self.model = build_model(model_cfg)
         if setup.init_state is not None:
@@ -391,6 +522,7 @@ class _Run:
         self.metrics: list[dict[str, Any]] = []
         self.best_iou, self.best_iteration, self.best_state = -1.0, self.total, None
         self.first, self.elapsed_before = 1, 0.0
+        self.mined_at = 0  # the iteration after which hard negatives were last mined
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a resume state (``resume_state``'s dict)."""
@@ -398,10 +530,11 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         self.metrics, self.first, self.elapsed_before = state["metrics"], state["iteration"] + 1, state["elapsed"]
         self.best_iou, self.best_iteration, self.best_state = state["best_iou"], state["best_iteration"], state["best_state"]
+        self.sampler.hard = [h.numpy() for h in state["hard_negatives"]]
+        self.mined_at = state["hard_negatives_mined_at"]
 
     def resume_state(self, digest: str, iteration: int, elapsed: float) -> dict[str, Any]:
         """Everything a rerun needs to continue after ``iteration`` (``elapsed`` seconds in)."""
@@ -411,7 +544,6 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "iteration": iteration,
             "elapsed": elapsed,
@@ -419,7 +551,44 @@ class _Run:
             "best_iou": self.best_iou,
             "best_iteration": self.best_iteration,
             "best_state": self.best_state,
+            "hard_negatives": [torch.from_numpy(h) for h in self.sampler.hard],
+            "hard_negatives_mined_at": self.mined_at,
         }
+
+    @property
+    def samples(self) -> range:
+        """The samples of each global batch this process draws and runs: all of them, or its rank's part."""
+        batch = self.train_cfg["batch_size"]
+        part = self.rank.part(batch) if self.rank is not None else slice(0, batch)
+        return range(part.start, part.stop)
+
+    def batches(self, input_norm: dict[str, float], first: int, last: int) -> Batches:
+        """This run's batches (its ``samples`` of each): iterations ``first`` .. ``last``."""
+        return Batches(self.sampler, self.seed, first, last, self.samples, self.train_cfg, input_norm)
+
+    def segments(self) -> Iterator[tuple[int, int]]:
+        """(first, last) iterations between hard-negative minings (after every ``train.hard_negatives.every``-th
+        iteration, when its fraction is above 0), from ``first`` to ``total``: each its own batch stream, made
+        with the candidates mined before it."""
+        every = self.train_cfg["hard_negatives"]["every"] if self.sampler.hard_fraction > 0 else self.total
+        first = self.first
+        while first <= self.total:
+            last = min(self.total, (first - 1) // every * every + every)
+            yield first, last
+            first = last + 1
+
+    def mine(self, iteration: int, input_norm: dict[str, float]) -> None:
+        """Mine hard negatives after ``iteration`` where the schedule says so (``segments``) and it is not done yet.
+
+        A resumed run whose state was saved at a mining iteration, before the mining,
+        mines first thing: with the same weights, so the same candidates.
+        """
+        hard_cfg = self.train_cfg["hard_negatives"]
+        due = self.sampler.hard_fraction > 0 and iteration > 0 and iteration % hard_cfg["every"] == 0 and iteration < self.total
+        if due and self.mined_at != iteration:
+            settings = mining_settings(self.window_settings["model"], self.train_cfg)
+            self.sampler.hard = mine_hard_negatives(self.model, self.sampler, settings, hard_cfg["threshold"], self.device, input_norm)
+            self.mined_at = iteration
 
     @property
     def is_main(self) -> bool:
@@ -427,11 +596,12 @@ class _Run:
         return self.rank is None or self.rank.is_main
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, TrainingLossParts]:
-        """One optimiser step on a (global) batch: (the learning rate it ran at, the loss and its parts).
+        """One optimiser step on this process's ``samples`` of a batch: (the learning rate it ran at, the loss and its parts).
 
-        A rank runs the network on its part of ``inputs`` only and computes the loss
-        of the whole batch from every rank's outputs (``distributed.gather_batch``):
-        the same loss, logged value and gradient as one process, up to rounding.
+        A rank runs the network on its own part of the global batch and computes the
+        loss of the whole batch from every rank's outputs and targets
+        (``distributed.gather_batch``): the same loss, logged value and gradient as
+        one process, up to rounding.
         """
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -439,9 +609,10 @@ class _Run:
             if self.rank is None:
                 logits, aux = self.model.forward_with_aux(inputs)
             else:
-                logits, aux = self.network(inputs[self.rank.part(len(inputs))])
+                logits, aux = self.network(inputs)
         if self.rank is not None:
             logits, *aux = gather_batch([logits, *aux], self.rank)
+            (targets,) = gather_batch([targets], self.rank)
         parts = self.loss(logits, aux, targets)
         self.scaler.scale(parts.loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -571,15 +742,38 @@ def _train_loop(
 ) -> int:
     """Iterations ``run.first`` .. ``train.iterations`` (or until ``stop_after`` / the time budget); the last one run.
 
-    Data-parallel: every rank steps; only rank 0 validates and logs (``save_state``
-    is its to skip elsewhere), while the others wait at their next collective.
+    The batches come from ``train.workers`` loader processes (``batch_stream``),
+    made while the network steps. Data-parallel: every rank steps on its own
+    samples; only rank 0 validates and logs (``save_state`` is its to skip
+    elsewhere), while the others wait at their next collective.
     """
     train_cfg = params["train"]
     started = time.perf_counter() - run.elapsed_before
     last_iteration = run.first - 1
-    bar = tqdm(range(run.first, run.total + 1), desc="train", unit="it", file=sys.stderr, disable=not (progress and run.is_main))
-    for iteration in bar:
-        inputs, targets = assemble_batch(run.sampler, run.rng, train_cfg, input_norm, run.device)
+    bar = tqdm(total=run.total, initial=run.first - 1, desc="train", unit="it", file=sys.stderr, disable=not (progress and run.is_main))
+    run.mine(run.first - 1, input_norm)  # a resumed run: the mining its state was saved just before
+    for first, last in run.segments():
+        with batch_stream(run.batches(input_norm, first, last), train_cfg["workers"], pin_memory=run.device.type == "cuda") as stream:
+            stopped = _train_segment(run, zip(range(first, last + 1), stream), bar, val_volumes, params, input_norm, save_state,
+                                     writer, started, stop_after)
+        last_iteration = stopped if stopped is not None else last
+        if stopped is not None:
+            break
+        run.mine(last, input_norm)
+    bar.close()
+    return last_iteration
+
+
+def _train_segment(
+    run: _Run, stream: Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]], bar: Any, val_volumes: list[tuple[np.ndarray, np.ndarray]],
+    params: dict[str, Any], input_norm: dict[str, float], save_state: Callable[[int, float], None], writer: Any, started: float,
+    stop_after: int | None,
+) -> int | None:
+    """Step through one ``_Run.segments`` stream of (iteration, batch); the iteration it stopped at early
+    (``stop_after`` or the time budget), None when it ran to its end."""
+    train_cfg = params["train"]
+    for iteration, (inputs, targets) in stream:
+        inputs, targets = inputs.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         learning_rate, parts = run.step(inputs, targets)
         elapsed = run.elapsed(started)
         run.schedule(iteration, elapsed)
@@ -591,16 +785,17 @@ def _train_loop(
             run.metrics.append(record)
             if writer is not None:
                 _log_tensorboard(writer, record, iteration)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val_iou": f"{record['val_iou']:.3f}"} if "val_iou" in record else {}))
-        last_iteration = iteration
+            scores = {"val_iou": f"{record['val_iou']:.3f}"} if "val_iou" in record else {}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **scores)
+        bar.update()
         if stop_after is not None and iteration >= stop_after:
             save_state(iteration, time.perf_counter() - started)
-            break
+            return iteration
         if iteration % train_cfg["save_every"] == 0:
             save_state(iteration, time.perf_counter() - started)
         if out_of_time:
-            break
-    return last_iteration
+            return iteration
+    return None
 
 
 def _checkpoint(run: _Run, params: dict[str, Any], setup: Setup, input_norm: dict[str, float], last_iteration: int) -> dict[str, Any]:
@@ -620,8 +815,12 @@ def _checkpoint(run: _Run, params: dict[str, Any], setup: Setup, input_norm: dic
         contract.CHECKPOINT_VERSION: __version__,
         contract.CHECKPOINT_INPUT_NORM: input_norm,
         contract.CHECKPOINT_SEED: params["seed"],
-        # train.devices as run ("auto" resolved): the count the weights depend on.
-        contract.CHECKPOINT_TRAIN_CONFIG: {**copy.deepcopy(params["train"]), "devices": run.rank.world if run.rank else 1},
+        # train.devices as run ("auto" resolved): the count the weights depend on. Not train.workers,
+        # which changes nothing: the same bytes for any worker count.
+        contract.CHECKPOINT_TRAIN_CONFIG: {
+            **{k: copy.deepcopy(v) for k, v in params["train"].items() if k != "workers"},
+            "devices": run.rank.world if run.rank else 1,
+        },
     }
     if setup.voxel_size is not None:
         checkpoint[contract.CHECKPOINT_VOXEL_SIZE] = list(setup.voxel_size)
@@ -674,10 +873,14 @@ def train_model(
     train_volumes = [pool_pair(image, label, setup.factor) for image, label in train_volumes]
     val_volumes = [pool_pair(image, label, setup.factor) for image, label in val_volumes]
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
     torch.set_num_threads(max(1, thread_count(train_cfg["threads"]) // (rank.world if rank else 1)))
     torch.manual_seed(params["seed"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+        # But not its NaN fill of every new tensor (a check for kernels that read memory they never
+        # wrote; none here does): the same bytes, a faster step (benchmarks/profile_train_step.py).
+        torch.utils.deterministic.fill_uninitialized_memory = False
     writer = _tensorboard_writer(tensorboard_dir) if rank is None or rank.is_main else None
     digest = config_digest(params, setup)
     try:
@@ -693,6 +896,7 @@ def train_model(
         last_iteration = _train_loop(run, val_volumes, params, input_norm, save_state, writer, progress, stop_after)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.utils.deterministic.fill_uninitialized_memory = fill_before
         if writer is not None:
             writer.close()
     return _checkpoint(run, params, setup, input_norm, last_iteration), run.metrics
@@ -813,6 +1017,9 @@ class _TrainFiles:
     params: dict[str, Any]
 
     def __call__(self, rank: Rank | None = None, device: str | None = None) -> None:
+        # The job's process or a (spawned) rank's: every step frees and allocates the same large
+        # tensors, which page-fault in afresh each step unless freed memory stays in the heap.
+        keep_freed_memory()
         params, checkpoint_path = self.params, self.checkpoint_path
         loaded = [_load_pair(image, label) for image, label in [*self.train_pairs, *self.val_pairs]]
         images = [image for image, _ in [*self.train_pairs, *self.val_pairs]]

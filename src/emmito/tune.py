@@ -5,9 +5,12 @@ After training, it predicts the labelled volumes (the workflow passes
 is only segmented and judged) with the checkpoint, pooled as infer pools them
 (``model.pooling_for_volume``), and lets ``tuning.tune`` choose the
 decoder's settings on that heat against the labels (mode-pooled alike). The
-prediction has fixed settings, as training's validation does (tile overlap
-``TILE_OVERLAP``, no test-time augmentation, the schema's blending): the tuned
-settings are a property of the model, and an ``infer`` key does not retune.
+prediction has fixed settings: the schema's default ``infer`` section (the
+window grid infer uses unless told otherwise: ``infer.tile`` auto, its crop,
+overlap and blending; GroupNorm makes the heat depend on the windows, so tuning
+on another grid would tune for another heat) without test-time augmentation
+(``TTA``): the tuned settings are a property of the model, and an ``infer`` key
+does not retune.
 A volume deeper than ``tune.max_slices`` is tuned on its central slices (read
 with their halo only). The result (``contract.save_decoder_settings``) is
 written atomically; ``segment`` reads it.
@@ -27,14 +30,18 @@ from emmito import config, contract, embedding, tuning
 from emmito.io import EmmitoError, open_volume, volume_attrs
 from emmito.model import load_checkpoint, output_channels, pooling_for_volume, trained_model_config
 from emmito.prediction import predict_slices, to_heat
-from emmito.tiling import Tiling
-from emmito.resampling import mean_pool_xy, mode_pool_xy
-from emmito.runtime import pick_device, thread_count
+from emmito.tiling import plan_tiling
+from emmito.resampling import mean_pool_xy, mode_pool_xy, pooled_shape
+from emmito.runtime import keep_freed_memory, pick_device, thread_count
 
-# Fixed prediction settings of tuning (as training's validation has its own): windows of the training
-# patch at half overlap, the most blended grid, whatever the infer section says.
-TILE_OVERLAP = 0.5
+# Fixed prediction settings of tuning: the schema's infer defaults (the grid a default infer predicts on),
+# one pass, whatever the infer section says.
 TTA = 1
+
+
+def tuning_infer_section() -> dict[str, Any]:
+    """The ``infer`` settings tuning predicts with: the schema's defaults, whatever the config says."""
+    return config.section_defaults("infer")
 
 
 def predict_volume_heat(
@@ -54,7 +61,6 @@ def predict_volume_heat(
     alike. Only the tuned slices and the halo their windows need are read.
     """
     model_cfg = trained_model_config(checkpoint)
-    patch = model_cfg["patch"]
     names = [str(c) for c in checkpoint.get(contract.CHECKPOINT_CHANNELS, output_channels(model_cfg))]
     with open_volume(image_path) as image, open_volume(label_path) as label:
         if image.ndim != 3 or image.dtype != np.uint8:
@@ -66,10 +72,12 @@ def predict_volume_heat(
             )
         factor = pooling_for_volume(checkpoint, contract.voxel_size(volume_attrs(image)), image_path, checkpoint_path)
         z0, z1 = tuning.central_slices(image.shape[0], max_slices)
+        infer_cfg = tuning_infer_section()
         probabilities = predict_slices(
-            model, lambda a, b: mean_pool_xy(image[a:b], factor), image.shape[0], z0, z1, Tiling.of_patch(patch, TILE_OVERLAP),
+            model, lambda a, b: mean_pool_xy(image[a:b], factor), image.shape[0], z0, z1,
+            plan_tiling(model_cfg, infer_cfg, pooled_shape(image.shape, factor), len(names)),
             batch_size, device, input_norm=checkpoint.get(contract.CHECKPOINT_INPUT_NORM),
-            blend_sigma=config.section_defaults("infer")["blend_sigma"], progress=True, tta=TTA,
+            blend_sigma=infer_cfg["blend_sigma"], progress=True, tta=TTA,
         )
         labels = mode_pool_xy(np.asarray(label[z0:z1], dtype=np.uint32), factor)
     heat = to_heat(probabilities)
@@ -105,7 +113,7 @@ def tune_files(
         **tuned.record(),
         "target": checkpoint.get(contract.CHECKPOINT_TARGET),
         "checkpoint_iteration": checkpoint.get(contract.CHECKPOINT_ITERATION),
-        "prediction": {"tile_overlap": TILE_OVERLAP, "tta": TTA},
+        "prediction": {**{k: tuning_infer_section()[k] for k in ("tile", "tile_crop", "tile_overlap", "blend_sigma")}, "tta": TTA},
     }
     contract.save_decoder_settings(out, record)
     return tuned
@@ -113,6 +121,7 @@ def tune_files(
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """``emmito tune CHECKPOINT OUT --volume NAME IMAGE LABEL [...] [--support NPZ]``: write decoder.json."""
+    keep_freed_memory()
     tuned = tune_files(args.checkpoint, [tuple(v) for v in args.volume], args.out, params, args.support)
     print(
         f"emmito tune: {tuned.decoder} on {', '.join(v['name'] for v in tuned.volumes)}: "

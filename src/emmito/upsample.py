@@ -12,7 +12,9 @@ seg.h5 is the final product, which labs open in Fiji, MATLAB, ilastik or plain
 h5py: it is compressed with gzip level 1 (``io.plain_compression``), which every
 HDF5 reader has, not with Blosc, which needs a filter plugin.
 ``benchmarks/seg_compression.py`` measured the choice against Blosc-LZ4, gzip 4
-and no compression (see ``SEG_COMPRESSION``).
+and no compression (see ``SEG_COMPRESSION``). The traced file's object scores
+(``contract.OBJECT_SCORES``, where trace wrote them) are copied into seg.h5 as
+they are: each object's mean foreground heat, at the heat's resolution.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 from emmito import __version__, contract
-from emmito.io import EmmitoError, atomic_path, default_chunks, open_volume, plain_compression, volume_attrs
+from emmito.io import (
+    EmmitoError, atomic_path, default_chunks, open_volume, plain_compression, read_table, volume_attrs, write_table,
+)
 from emmito.resampling import downsample_mode, upsample_labels
 
 # h5py keywords of seg.h5's datasets: readable without a filter plugin.
@@ -102,7 +106,10 @@ def upsample_files(
         depth = image_shape[0]
         voxel_size = contract.voxel_size(image_attrs)
         filters = SEG_COMPRESSION() if filters is None else filters
+        scores = read_table(traced, contract.OBJECT_SCORES, contract.OBJECT_SCORE_COLUMNS)
         with create_seg(out, image_shape, voxel_size, pyramid_levels, filters) as (full, *levels):
+            if scores is not None:  # per object, from the heat: the same at any resolution
+                write_table(full, contract.OBJECT_SCORES, scores, contract.OBJECT_SCORE_COLUMNS)
             starts = range(0, depth, slab_slices)
             for z_start in tqdm(starts, desc="upsample", unit="slab", file=sys.stderr, disable=not progress):
                 z_stop = min(z_start + slab_slices, depth)
