@@ -34,6 +34,8 @@ WORKFLOW_LIMIT_S = 420
 # seconds of start-up, and two chunks and two blocks still exercise merge and trace.
 SLURM_OVERRIDES = {"infer": {"chunk_slices": 10}, "merge": {"block_slices": 10}}
 FAILURE_LIMIT_S = 120
+# What a cluster run must give byte for byte as a local run.
+COMPARED = ("results/deploy/seg.h5", "results/deploy/metrics.json")
 
 
 def _python_literal(value: str) -> str:
@@ -76,6 +78,29 @@ def test_profile_routes_the_gpu_rules_to_the_gpu_partition():
     assert set(declared) == GPU_RULES
 
 
+# Resource helpers of rules/common.smk that multiply the first request by the retry attempt.
+ATTEMPT_SCALED = {"mem_mb": ("mem_mb", "convert_mem_mb", "tune_mem_mb"), "runtime": ("runtime_minutes",)}
+
+
+def test_every_rule_asks_for_more_memory_and_time_on_each_retry():
+    """The README's promise: a job SLURM killed for memory or time comes back with attempt x its request."""
+    common = (REPO / "rules" / "common.smk").read_text()
+    for helper in {h for helpers in ATTEMPT_SCALED.values() for h in helpers}:
+        body = re.search(rf"^def {helper}\(.*?(?=^\S)", common, flags=re.M | re.S)
+        assert body and re.search(r"\*\s*attempt\b", body.group(0)), f"{helper} does not multiply by attempt"
+    rules = 0
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"^(?=\s*rule \w+:)", smk.read_text(), flags=re.M):
+            name = re.match(r"\s*rule (\w+):", block)
+            if not name:
+                continue
+            rules += 1
+            for resource, helpers in ATTEMPT_SCALED.items():
+                value = re.search(rf"^\s+{resource}=(\w+)", block, flags=re.M)
+                assert value and value.group(1) in helpers, f"rule {name.group(1)}: {resource} does not grow with attempt"
+    assert rules >= 10
+
+
 def test_ci_overlay_keeps_the_real_routing():
     base = yaml.safe_load(BASE_PROFILE.read_text())
     overlay = yaml.safe_load(CI_PROFILE.read_text())
@@ -89,6 +114,27 @@ def test_ci_overlay_keeps_the_real_routing():
 # ---- on the cluster ----------------------------------------------------------------------
 
 
+_LOCAL_REFERENCE: dict[str, Path] = {}
+
+
+def local_reference_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project (SLURM_OVERRIDES) run locally to the end: the bytes a cluster run must give.
+
+    Made once per session and shared with tests/test_slurm_faults.py, whose fault runs start
+    from copies of it. Callers must not change it.
+    """
+    if "project" not in _LOCAL_REFERENCE:
+        local = make_project(tmp_path_factory.mktemp("slurm-reference") / "local", SLURM_OVERRIDES)
+        snakemake(local, "--cores", "2", *COMPARED, timeout=WORKFLOW_LIMIT_S)
+        _LOCAL_REFERENCE["project"] = local
+    return _LOCAL_REFERENCE["project"]
+
+
+@pytest.fixture
+def local_reference(slurm_cluster, tmp_path_factory) -> Path:
+    return local_reference_project(tmp_path_factory)
+
+
 def _timed_snakemake(project: Path, args: tuple[str, ...], limit_s: int) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     started = time.monotonic()
@@ -99,52 +145,59 @@ def _timed_snakemake(project: Path, args: tuple[str, ...], limit_s: int) -> tupl
     return result, time.monotonic() - started
 
 
-def _run_id(output: str) -> str | None:
+def run_id_of(output: str) -> str | None:
+    """The SLURM run ID that snakemake prints at its start: every job of the run carries it as its name."""
     match = re.search(r"SLURM run ID: (\S+)", output)
     return match.group(1) if match else None
 
 
-def _cancel_leftovers(run_id: str | None) -> None:
+def cancel_run(run_id: str | None) -> None:
     """Cancel this run's jobs only (a killed snakemake leaves them queued)."""
     if run_id:
         subprocess.run(["scancel", f"--name={run_id}"], capture_output=True, timeout=30)
 
 
-def _jobs_of_run(run_id: str) -> list[dict[str, str]]:
-    """The run's jobs as squeue still lists them (finished ones for MinJobAge s)."""
+def jobs_of_run(run_id: str | None) -> list[dict[str, str]]:
+    """The run's jobs as squeue still lists them (finished ones for MinJobAge s), oldest first.
+
+    Each: id, partition, state, limit (time), memory, key (the plugin's comment, rule and
+    wildcards), rule, reason (why it waits).
+    """
+    if run_id is None:
+        return []
     listing = subprocess.run(
-        ["squeue", "--states=all", "-h", "-o", "%i|%j|%P|%T|%k"],
+        ["squeue", "--states=all", "-h", "-o", "%i|%j|%P|%T|%l|%m|%k|%r"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout
     jobs = []
     for line in listing.splitlines():
-        job_id, name, partition, state, comment = line.strip().split("|", 4)
+        job_id, name, partition, state, limit, memory, comment, reason = line.strip().split("|", 7)
         if name != run_id:
             continue
         # The plugin comments each job "rule_<rule>" or "rule_<rule>_wildcards_<values>".
         rule = comment.removeprefix("rule_").split("_wildcards_")[0]
-        jobs.append({"id": job_id, "partition": partition, "state": state, "rule": rule})
-    return jobs
+        jobs.append(dict(id=job_id, partition=partition, state=state, limit=limit, memory=memory,
+                         key=comment, rule=rule, reason=reason))
+    return sorted(jobs, key=lambda job: int(job["id"]))
 
 
 @pytest.mark.slurm
 @pytest.mark.workflow
 @pytest.mark.slow
-def test_workflow_on_slurm_routes_jobs_and_matches_a_local_run(slurm_cluster, tmp_path):
-    on_slurm = make_project(tmp_path / "slurm", SLURM_OVERRIDES)
-    local = make_project(tmp_path / "local", SLURM_OVERRIDES, data_from=on_slurm)
-    snakemake(local, "--cores", "2", timeout=WORKFLOW_LIMIT_S)
+def test_workflow_on_slurm_routes_jobs_and_matches_a_local_run(slurm_cluster, local_reference, tmp_path):
+    local = local_reference
+    on_slurm = make_project(tmp_path / "slurm", SLURM_OVERRIDES, data_from=local)
 
     result, elapsed = _timed_snakemake(on_slurm, SLURM_PROFILES, WORKFLOW_LIMIT_S)
-    run_id = _run_id(result.stderr + result.stdout)
+    run_id = run_id_of(result.stderr + result.stdout)
     try:
         assert result.returncode == 0, f"SLURM run failed ({result.returncode}) after {elapsed:.0f} s:\n{result.stderr[-4000:]}"
     finally:
-        _cancel_leftovers(run_id)
+        cancel_run(run_id)
     print(f"workflow on SLURM: {elapsed:.1f} s", file=sys.stderr)
 
     assert run_id is not None, "no 'SLURM run ID' in snakemake's output: did it use the slurm executor?"
-    jobs = _jobs_of_run(run_id)
+    jobs = jobs_of_run(run_id)
     rules_run = {job["rule"] for job in jobs}
     assert CORE_RULES <= rules_run, f"rules missing from the cluster's job list: {sorted(CORE_RULES - rules_run)}"
     for job in jobs:
@@ -159,6 +212,7 @@ def test_workflow_on_slurm_routes_jobs_and_matches_a_local_run(slurm_cluster, tm
     assert seg_slurm.dtype == seg_local.dtype == np.uint32
     assert seg_slurm.max() > 0, "the tiny model found nothing, so the comparison would prove little"
     assert np.array_equal(seg_slurm, seg_local)
+    assert (on_slurm / COMPARED[1]).read_bytes() == (local / COMPARED[1]).read_bytes()
 
 
 FAILING_WORKFLOW = """\
@@ -189,7 +243,7 @@ def test_failed_cluster_job_fails_the_run_and_names_rule_and_log(slurm_cluster, 
 
     result, elapsed = _timed_snakemake(tmp_path, profiles, FAILURE_LIMIT_S)
     output = result.stderr + result.stdout
-    _cancel_leftovers(_run_id(output))
+    cancel_run(run_id_of(output))
 
     assert result.returncode not in (0, 124, 137), f"expected a failure, not rc {result.returncode}:\n{output[-3000:]}"
     assert elapsed < FAILURE_LIMIT_S

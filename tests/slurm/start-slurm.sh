@@ -3,9 +3,11 @@
 #
 # Usage: sudo tests/slurm/start-slurm.sh        (stop it with: sudo tests/slurm/stop-slurm.sh)
 #
-# Two partitions on one node: `cpu` (default) and `gpu`, with one stand-in GPU so that
-# `--gpus=1` jobs schedule on machines without one. No accounting database: clients must
-# query job states with squeue (tests/slurm/profile sets slurm-status-command: squeue).
+# Two partitions on one node: `cpu` (default) and `gpu`, with two stand-in GPUs so that
+# `--gpus=1` jobs schedule on machines without one. Memory (--mem) and time (-t) limits are
+# enforced, so jobs die of them as on a real cluster (tests/test_slurm_faults.py).
+# No accounting database: clients must query job states with squeue (tests/slurm/profile
+# sets slurm-status-command: squeue).
 # Idempotent: when the cluster from $SLURM_CI_DIR already answers, it says so and exits 0.
 # Tested on Debian 12 (SLURM 22.05) as root without systemd; only the daemons need root,
 # jobs run as whoever submits them (root included).
@@ -67,10 +69,11 @@ DETECTED=$(slurmd -C)
 CPUS=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$DETECTED")
 MEM=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$DETECTED")
 MEM=$(( MEM * 85 / 100 ))   # leave room for the daemons and the submitting snakemake
-CPU_FACTOR=${SLURM_CI_CPU_FACTOR:-4}
+CPU_FACTOR=${SLURM_CI_CPU_FACTOR:-8}
 mkdir -p /etc/slurm
 cat > /etc/slurm/slurm.conf <<CONF
-# Written by emmito tests/slurm/start-slurm.sh: one-node CI cluster, no cgroups, no slurmdbd.
+# Written by emmito tests/slurm/start-slurm.sh: one-node CI cluster, no cgroups, no slurmdbd;
+# memory and time limits enforced (see below).
 ClusterName=emmito-ci
 SlurmctldHost=localhost
 SlurmUser=slurm
@@ -82,30 +85,52 @@ ReturnToService=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # The node offers CPU_FACTOR x its real CPUs (config_overrides stops slurmd from marking it
-# INVAL for that), so a 2-core CI runner runs several short jobs at once, as a cluster would.
+# INVAL for that), so a 2-core CI runner runs several short jobs at once, as a cluster would,
+# and the fault tests' five runs at once (their held jobs sleep, but each holds its CPUs).
 SlurmdParameters=config_overrides
 # No accounting DB, so sacct fails ("Slurm accounting storage is disabled"); squeue shows
 # finished jobs for MinJobAge seconds, which must be >= 3x the plugin's first status delay.
 AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MinJobAge=600
+# Limits enforced as on a real cluster (tests/test_slurm_faults.py kills jobs with them).
+# Memory: slurmstepd samples the RSS of each job step's processes every second (task=1) and
+# kills the step (SIGKILL) once their sum passes the job's --mem: "StepId=N.0 exceeded memory
+# limit (...), being killed" / "Exceeded job memory limit" in the job's log. The job then ends
+# FAILED (its batch script exits non-zero), not OUT_OF_MEMORY as under cgroups.
+# Not used: TaskPlugin=task/cgroup + ConstrainRAMSpace=yes (cgroup.conf), what real clusters
+# run. This VM has no systemd; its cgroup v2 tree (/sys/fs/cgroup/unified) offers only the
+# hugetlb controller, and the memory controller is cgroup v1, where SLURM's cgroup/v1 puts its
+# slurm/ tree at the hierarchy's root: each job would leave the cgroup that the machine's own
+# process manager keeps this session's processes in. So it was not tried here.
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
+# Time: a job past its -t is killed with no grace minutes (OverTimeLimit=0): SIGTERM, then
+# SIGKILL KillWait s later (the default 30 s would only slow the tests); it ends TIMEOUT and
+# its log says "CANCELLED AT ... DUE TO TIME LIMIT". slurmctld checks time limits every 30 s
+# (fixed in its code) and -t counts whole minutes, so a 1-minute limit fires 60-90 s in.
+OverTimeLimit=0
+KillWait=5
 StateSaveLocation=$BASE/ctld
 SlurmdSpoolDir=$BASE/d
 SlurmctldPidFile=$BASE/slurmctld.daemon.pid
 SlurmdPidFile=$BASE/slurmd.daemon.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd.log
-# One stand-in GPU so that --gpus=1 / --gres=gpu:1 jobs can be scheduled (see gres.conf).
+# Two stand-in GPUs so that --gpus=1 / --gres=gpu:1 jobs can be scheduled (see gres.conf),
+# two at a time: a fault test's held infer job does not hold up the other tests' infer jobs.
 GresTypes=gpu
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(( CPUS * CPU_FACTOR )) RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(( CPUS * CPU_FACTOR )) RealMemory=$MEM Gres=gpu:2 State=UNKNOWN
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 CONF
 cat > /etc/slurm/gres.conf <<'CONF'
 # SLURM 22.05 drops a GPU without a device file ("Removing file-less GPU") and the node goes
-# INVAL; /dev/null is a harmless stand-in because TaskPlugin=task/none confines no devices.
+# INVAL; /dev/null and /dev/zero are harmless stand-ins because TaskPlugin=task/none confines
+# no devices. One file per GPU: each --gpus=1 job gets its own (CUDA_VISIBLE_DEVICES=0 or 1).
 NodeName=localhost Name=gpu File=/dev/null
+NodeName=localhost Name=gpu File=/dev/zero
 CONF
 
 # 4. Daemons in the foreground (-D), put in the background by this shell, so $! is the real PID.
