@@ -1,4 +1,4 @@
-"""Quality on real EM: train on CDeep3M v2018/training, judge infer -> segment -> evaluate on the validation volumes.
+"""Quality on real EM: train on CDeep3M's training stacks, judge infer -> segment -> evaluate on the validation volumes.
 
     .venv/bin/python benchmarks/quality_cdeep3m.py [--data DIR] [--minutes 40] [--tta 8] [--tune]
         [--head embedding [--decoder embedding_cluster|nearest_neighbour] [--support-sizes 64,256,...]]
@@ -248,7 +248,7 @@ def main() -> None:
                         help="do not choose segment thresholds on the training volume (default: the tune rule's search, on training only)")
     parser.add_argument("--max-area-factor", type=float, default=0.0,
                         help="segment.max_area_2d = this x the widest cross-section of a training mitochondrion (default 0: off)")
-    parser.add_argument("--train-data", choices=TRAIN_DATA, default="v2018",
+    parser.add_argument("--train-data", choices=TRAIN_DATA, default="both",
                         help="v2018: v2018/training; both: also v2020/training as a second volume (z020-039, 10 slices beyond v2018's)")
     parser.add_argument("--holdout", type=int, default=0, metavar="K",
                         help="model selection without validation: hold out v2018/training's first K slices (and the next "
