@@ -1,12 +1,14 @@
 """Quality on real EM: train on CDeep3M's training stacks, judge infer -> segment -> evaluate on the validation volumes.
 
-    .venv/bin/python benchmarks/quality_cdeep3m.py [--data DIR] [--minutes 40] [--tta 8] [--tune]
+    .venv/bin/python benchmarks/quality_cdeep3m.py [--data DIR] [--minutes 55] [--tta 8] [--no-tune]
+        [--train-data both|v2018] [--holdout K] [--max-area-factor F]
         [--head embedding [--decoder embedding_cluster|nearest_neighbour] [--support-sizes 64,256,...]]
 
 ``--data`` defaults to $EMMITO_CDEEP3M, else ../shared/data/cdeep3m-mito beside
 the repository. The settings are configs/cdeep3m.yaml's (model, train, infer,
 segment), or ``--config``'s; ``--minutes`` caps training wall time
-(train.max_minutes). ``--head embedding`` trains the same network with an
+(train.max_minutes). ``--train-data both`` (default) trains on v2018/training
+and v2020/training, ``v2018`` on the first alone. ``--head embedding`` trains the same network with an
 embedding head (multi-task with the binary target, the discriminative loss)
 and segments with ``--decoder`` (default embedding_cluster; nearest_neighbour
 classifies by the support set drawn from the training volume's embeddings,
@@ -19,17 +21,21 @@ mean-pooled by model.downsample_xy and predicted with ``predict_slices``
 (which equals chunked inference by construction; ``--tta`` as infer.tta),
 segmented as one block with ``segment.decode``, upsampled to full resolution
 with ``upsample_labels`` and scored with ``evaluate_arrays`` against the 3D
-connected components of the mask (as ``convert`` makes them). Validation is
-never used for training or for choosing anything: ``--tune`` chooses the
-decoder's settings on the training volume with ``emmito.tuning.tune``, the
-tune rule's search, on the heat the rule predicts (``emmito.tune``'s fixed
-tile overlap and no test-time augmentation); without it the settings are a
-``decoder.json`` beside ``--checkpoint`` where there is one, else the
-untuned defaults (keys the config sets win, as in segment); and
-segment.max_area_2d is ``--max-area-factor`` times the widest cross-section
-of a training mitochondrion (the figures without that filter are printed
-too). The settings used and the training iterations are printed beside the
-figures; the last line is ``cdeep3m_val_iou: X``.
+connected components of the mask (as ``convert`` makes them; AP ranks each
+object by its mean foreground probability, as seg.h5's object_scores do).
+Validation is never used for training or for choosing anything: by default
+the decoder's settings are chosen on the training volumes with
+``emmito.tuning.tune``, the tune rule's search, on the heat the rule predicts
+(the schema's infer grid, no test-time augmentation); with ``--no-tune`` they
+are a ``decoder.json`` beside ``--checkpoint`` where there is one, else the
+untuned defaults (keys the config sets win, as in segment). No size filter
+by default; ``--max-area-factor F`` sets segment.max_area_2d to F times the
+widest cross-section of a training mitochondrion (and prints the figures
+without it too). ``--holdout K`` makes model choices without validation: it
+trains and tunes on the training stacks minus v2018's first K slices (and a
+gap), judges those K and reads no validation folder (last line
+``holdout_iou: X``). The settings used and the training iterations are
+printed beside the figures; the last line is ``cdeep3m_val_iou: X``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Decoder tuning: the ``segment`` settings that suit a model, chosen on labelled volumes by grid search.
 
-The compute that ``emmito tune`` wraps (and ``benchmarks/quality_cdeep3m.py
---tune`` calls): given the heat a model predicts for labelled volumes (uint8
+The compute that ``emmito tune`` wraps (and ``benchmarks/quality_cdeep3m.py``
+calls): given the heat a model predicts for labelled volumes (uint8
 channels, as infer writes them, at the inference scale) and their labels at
 the same scale, ``tune`` decodes the heat with every point of a small grid
 over the settings that matter for the decoder (``TUNED_KEYS``) and keeps the
