@@ -60,7 +60,8 @@ from emmito.convert import binary_to_instances  # noqa: E402
 from emmito.decoders import decode, nearest_neighbour_classify, resolve_decoder  # noqa: E402
 from emmito.embedding import heat_to_embeddings  # noqa: E402
 from emmito.io import list_slices, read_png_slice, write_json  # noqa: E402
-from emmito.metrics import evaluate_arrays  # noqa: E402
+from emmito.labels import slice_heat_sums  # noqa: E402
+from emmito.metrics import evaluate_arrays, object_scores  # noqa: E402
 from emmito.model import embedding_dim, load_checkpoint, parameter_count  # noqa: E402
 from emmito.prediction import TTA_COUNTS, predict_volume, to_heat  # noqa: E402
 from emmito.resampling import mean_pool_xy, mode_pool_xy, pool_pair, upsample_labels  # noqa: E402
@@ -122,13 +123,12 @@ def score_heat(heat: np.ndarray, gt: np.ndarray, params: dict, channels: list[st
 
 
 def mean_probabilities(labels: np.ndarray, foreground: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mean foreground probability) of the objects of ``labels``, at the heat's scale, as segment and trace keep them."""
-    flat = labels.reshape(-1).astype(np.int64)
-    counts = np.bincount(flat)
-    sums = np.bincount(flat, weights=foreground.reshape(-1).astype(np.float64), minlength=len(counts))
-    ids = np.flatnonzero(counts)
-    ids = ids[ids > 0]
-    return ids.astype(np.uint64), sums[ids] / (255.0 * counts[ids])
+    """(ids, mean foreground probability) of the objects of ``labels``, at the heat's scale: segment's per-slice
+    sums (``labels.slice_heat_sums``) summed per object as trace sums them, read as evaluate reads seg.h5's."""
+    rows = slice_heat_sums(labels, foreground)
+    ids, where = np.unique(rows[:, 0], return_inverse=True)
+    table = np.stack([ids, np.bincount(where, weights=rows[:, 2]), np.bincount(where, weights=rows[:, 3])], axis=1)
+    return object_scores(table.astype(np.int64))
 
 
 def tune_on_training(model: torch.nn.Module, stacks: list[tuple], params: dict, channels: list[str], input_norm: dict | None, support=None) -> dict:

@@ -108,12 +108,13 @@ def tune_files(
         )
         tune_volumes.append(tuning.TuneVolume(name, channels, labels, slices))
     support = contract.load_support_set(support_path) if support_path else None
+    infer_cfg = tuning_infer_section()
     tuned = tuning.tune(tune_volumes, params["segment"], support, embedding.DEFAULT_EMBEDDING_RANGE, progress=True)
     record = {
         **tuned.record(),
         "target": checkpoint.get(contract.CHECKPOINT_TARGET),
         "checkpoint_iteration": checkpoint.get(contract.CHECKPOINT_ITERATION),
-        "prediction": {**{k: tuning_infer_section()[k] for k in ("tile", "tile_crop", "tile_overlap", "blend_sigma")}, "tta": TTA},
+        "prediction": {**{k: infer_cfg[k] for k in ("tile", "tile_crop", "tile_overlap", "blend_sigma")}, "tta": TTA},
     }
     contract.save_decoder_settings(out, record)
     return tuned
