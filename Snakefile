@@ -21,6 +21,7 @@ include: "rules/trace.smk"
 include: "rules/upsample.smk"
 include: "rules/evaluate.smk"
 include: "rules/measure.smk"
+include: "rules/suggest.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
 

@@ -151,7 +151,7 @@ def all_outputs():
         targets.append(R.model_report(MODEL, "decoder.html"))
     for vol in config["infer"]["volumes"]:
         targets.append(R.seg(vol))
-        targets += [R.neuroglancer(vol), R.objects(vol)]
+        targets += [R.neuroglancer(vol), R.objects(vol), R.suggestions(vol)]
         if config["export"]["ome_zarr"]:
             targets.append(R.ome_zarr(vol))
         if config["export"]["tiff"]:

@@ -217,8 +217,8 @@ def test_every_verb_is_in_the_parser():
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
     assert list(verbs) == [
         "synth", "convert", "train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export",
-        "measure", "view", "report", "summary",
+        "measure", "suggest", "view", "report", "summary",
     ]
     staged = [name for name, sub in verbs.items() if any(a.dest == "params" for a in sub._actions)]
-    assert staged == ["convert", "train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export", "measure"]
+    assert staged == ["convert", "train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export", "measure", "suggest"]
     assert staged == [name for name, sub in verbs.items() if any(a.dest == "runtime" for a in sub._actions)]

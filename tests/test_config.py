@@ -224,7 +224,7 @@ def test_stage_params_hold_exactly_the_keys_that_change_the_stage_output():
     infer = cfg.stage_params(config, "infer")
     assert infer["infer"] == {
         "chunk_slices": 20, "tile": "auto", "tile_overlap": [0, 0, 0], "tile_crop": [2, 16, 16], "tile_memory_mb": 2048,
-        "blend_sigma": 0.125, "tta": 4,
+        "blend_sigma": 0.125, "tta": 4, "uncertainty": "none",
     }  # not chunks_per_job: jobs of any size write the same heat files
     assert infer["model"]["patch"] == [16, 128, 128] and "seed" not in infer and "train" not in infer
 

@@ -13,7 +13,7 @@ from emmito.blocks import Layout
 from emmito.decoders import segment_block
 from emmito.io import EmmitoError, open_volume, read_json, read_table, read_volume
 from emmito.labels import slice_heat_sums
-from emmito.trace import check_blocks, match_overlap, resolve_ids, shared_slab, trace_arrays, trace_files
+from emmito.trace import check_blocks, match_overlap, resolve_ids, scored_matches, shared_slab, trace_arrays, trace_files
 
 
 def cut_into_blocks(volume: np.ndarray, block_slices: int, block_overlap: int, segment=None) -> list[np.ndarray]:
@@ -260,3 +260,42 @@ def test_scores_that_do_not_count_the_labels_are_refused(tmp_path, capsys):
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar: one line
     assert "block_1.h5: its object scores" in last and "rerun emmito segment" in last
     assert not out.exists()
+
+
+def test_trace_json_keeps_every_match_with_its_overlap_score(tmp_path):
+    """Two blocks of 4 slices + 2 of overlap: the overlap slab (slices 4-5) is seen by both, labelled differently."""
+    block_0 = np.zeros((6, 4, 20), np.uint32)
+    block_1 = np.zeros((4, 4, 20), np.uint32)
+    block_0[2:6, :, 0:6] = 1  # 2 x 4 x 6 = 48 voxels in the slab
+    block_1[0:4, :, 0:3] = 5  # 24 of them: IoU 24 / 48 = 0.5, just at the threshold
+    block_0[3:6, :, 8:12] = 2  # 32 voxels in the slab
+    block_1[0:3, :, 8:13] = 6  # 40, holding all 32: IoU 32 / 40 = 0.8
+    block_0[4:6, :, 14:16] = 3  # 16 voxels
+    block_1[0:2, :, 14:20] = 7  # 48, holding 16: IoU 16 / 48 < 0.5, no match
+    paths = write_blocks(tmp_path, [block_0, block_1], 4, 8)
+    record = trace_files(tmp_path / "seg_infer.h5", tmp_path / "trace.json", paths, Layout.of_blocks(4, 2), "iou", 0.5)
+    stored = read_json(tmp_path / "trace.json")
+    assert stored == record
+    assert stored["matching"] == {"criterion": "iou", "threshold": 0.5}
+    global_of = {int(k): v for k, v in stored["id_map"]["1"].items()}
+    assert stored["matches"] == [
+        {"block": 0, "id_a": 1, "id_b": 5, "object": global_of[5], "score": 24 / 48},
+        {"block": 0, "id_a": 2, "id_b": 6, "object": global_of[6], "score": 32 / 40},
+    ]
+    assert stored["id_map"]["0"]["1"] == global_of[5] and stored["id_map"]["0"]["2"] == global_of[6]
+    assert "3" not in stored["id_map"]["0"]  # only in the overlap and unmatched: block 1's 7 labels those voxels
+    # intersection over the smaller: 24 / 24, 32 / 32 and 16 / 16, all joined
+    _, ioa = trace_arrays([block_0, block_1], 4, 2, "ioa", 0.9)
+    assert [(m["id_a"], m["id_b"], m["score"]) for m in ioa["matches"]] == [(1, 5, 1.0), (2, 6, 1.0), (3, 7, 1.0)]
+    assert ioa["matching"] == {"criterion": "ioa", "threshold": 0.9}
+
+
+def test_scored_matches_are_the_pairs_match_overlap_returns():
+    a = np.zeros((2, 4, 10), np.uint32)
+    b = np.zeros_like(a)
+    a[:, :, 0:6] = 1
+    b[:, :, 0:3] = 5
+    b[:, :, 3:4] = 6  # 8 of a's 48: IoU 8 / 48
+    assert scored_matches(a, b, "iou", 0.1) == [(1, 5, 0.5), (1, 6, 8 / 48)]
+    assert match_overlap(a, b, "iou", 0.1) == [(1, 5), (1, 6)]
+    assert scored_matches(a, b, "iou", 0.5) == [(1, 5, 0.5)]

@@ -155,3 +155,84 @@ def test_view_cli_screenshot(export, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
     assert (rgb.max(axis=-1) - rgb.min(axis=-1) > 40).sum() > 1000, "no segmentation colour in the CLI screenshot"
+
+
+def write_suggestions(export) -> tuple[object, list[dict]]:
+    """suggestions.csv beside the export, from heat blocks where object 3 (not the largest) is the most uncertain."""
+    from test_suggest import trace_record, write_heat_blocks
+
+    from emmito import suggest
+    from emmito.io import write_json
+
+    ng_dir, seg = export
+    folder = ng_dir.parent
+    foreground = np.where(seg > 0, 230, 5).astype(np.uint8)
+    uncertainty = np.where(seg == 3, 220, np.where(seg > 0, 10, 0)).astype(np.uint8)
+    heat = write_heat_blocks(folder / "suggest", {"foreground": foreground, contract.UNCERTAINTY_CHANNEL: uncertainty}, 8, 2)
+    contract.fixture(folder / "suggest" / "seg_infer.h5", "seg", seg, voxel_size=VOXEL_SIZE)
+    write_json(folder / "suggest" / "trace.json", trace_record(seg, []))
+    out = contract.suggestions_beside(ng_dir)
+    params = config.with_defaults("suggest", {"rows_per_kind": 2})
+    suggest.suggest_files(out, folder / "suggest" / "seg_infer.h5", folder / "seg.h5", folder / "objects.csv",
+                          folder / "suggest" / "trace.json", heat, params)
+    return out, suggest.read_suggestions(out)
+
+
+def test_a_suggestion_opens_on_its_object(export, tmp_path):
+    """The row's view state is applied: position, zoom and only its object selected, whose colour is on screen."""
+    import argparse
+
+    ng_dir, seg = export
+    _, rows = write_suggestions(export)
+    row = next(r for r in rows if r["kind"] == "uncertain_object" and r["kind_rank"] == "1")
+    assert row["segment_id"] == "3"
+    chosen = view.chosen_suggestion(argparse.Namespace(ng_dir=ng_dir, suggestion=int(row["rank"]), suggestions=None))
+    assert chosen == row
+    viewer, data, _ = view.start_viewer(ng_dir, select=0)
+    driver = None
+    try:
+        view.apply_suggestion(viewer, chosen)
+        state = viewer.state
+        assert [int(s) for s in state.layers["segmentation"].segments] == [3]
+        assert list(state.position) == [62.5, 40.0, 6.5]  # object 3: x 50-75, y 30-50, z 4-9 (slice 6)
+        # four times its extent in 600 pixels, but no closer than the whole slice (80 voxels): 7.5 screen pixels per voxel
+        assert state.cross_section_scale == pytest.approx(80 / 600, abs=1e-6)
+        zoom = state.cross_section_scale
+        with viewer.txn() as state:
+            state.layout = "xy"  # the slice alone: 400 x 300 pixels show x 36-89, y 20-60, object 3 whole
+            state.show_axis_lines = False
+            state.show_default_annotations = False
+            state.layers["segmentation"].segment_colors[3] = "#%02x%02x%02x" % COLOURS[3]
+        driver = view.open_headless(viewer.get_viewer_url())
+        png = view.screenshot(viewer, size=(400, 300), timeout=120)
+    finally:
+        if driver is not None:
+            driver.quit()
+        data.stop()
+    (tmp_path / "suggestion.png").write_bytes(png)
+    print(f"screenshot: {tmp_path / 'suggestion.png'}")
+    expected = int((seg[6] == 3).sum()) / zoom**2
+    assert coloured_pixels(png, COLOURS[3]) == pytest.approx(expected, rel=0.03)
+    # Object 7, the largest, is in view (x 29-40) but not selected: nothing else is coloured.
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert not_grey(rgb) == pytest.approx(expected, rel=0.03)
+
+
+def test_view_cli_opens_a_suggestion(export, tmp_path):
+    import subprocess
+    import sys
+
+    ng_dir, seg = export
+    _, rows = write_suggestions(export)
+    rank = next(r["rank"] for r in rows if r["kind"] == "uncertain_object" and r["kind_rank"] == "1")
+    out = tmp_path / "cli.png"
+    command = [sys.executable, "-m", "emmito.cli", "view", str(ng_dir), "--suggestion", rank, "--screenshot", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert not_grey(rgb) > 1000, "no segmentation colour in the screenshot of the suggestion"
+    command[command.index("--suggestion") + 1] = str(len(rows) + 1)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"suggestions.csv: no suggestion {len(rows) + 1}: it has {len(rows)} rows" in lines[0]

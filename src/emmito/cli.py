@@ -25,7 +25,7 @@ from emmito.io import EmmitoError
 if TYPE_CHECKING:
     from emmito.config import Validated
 
-SECTIONS = ("seed", "convert", "model", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export", "measure")
+SECTIONS = ("seed", "convert", "model", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export", "measure", "suggest")
 
 
 def stage_config(args: argparse.Namespace) -> Validated:
@@ -212,6 +212,19 @@ def _measure_verb(verbs: argparse._SubParsersAction) -> None:
     _add_params(p)
 
 
+def _suggest_verb(verbs: argparse._SubParsersAction) -> None:
+    """The verb suggest: what to proofread first, with a neuroglancer view state per row."""
+    p = verbs.add_parser("suggest", help="rank what to proofread or label first (uncertain, low-margin, odd, weakly matched objects; "
+                                         "uncertain regions) -> suggestions.csv")
+    p.add_argument("out", type=Path, help="suggestions.csv to write (beside the export: results/<vol>/suggestions.csv)")
+    p.add_argument("--traced", type=Path, required=True, help="seg_infer.h5 (emmito trace: the labels at the heat's resolution)")
+    p.add_argument("--seg", type=Path, required=True, help="seg.h5 (emmito upsample: the full-resolution frame the view uses)")
+    p.add_argument("--objects", type=Path, required=True, help="objects.csv (emmito measure)")
+    p.add_argument("--trace", type=Path, required=True, help="trace.json (emmito trace: the cross-block matches and their scores)")
+    p.add_argument("--heat", type=Path, nargs="+", required=True, help="every heat/block_<b>.h5 of the volume (emmito merge)")
+    _add_params(p)
+
+
 def _tune_verb(verbs: argparse._SubParsersAction) -> None:
     """The verb tune: the decoder's settings for a model, chosen on labelled volumes."""
     p = verbs.add_parser("tune", help="choose the decoder's thresholds for a checkpoint on labelled volumes; writes decoder.json")
@@ -231,6 +244,10 @@ def _look_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=0, help="viewer port (0: any free one); the data is served on PORT+1")
     p.add_argument("--select", type=int, default=5, help="show only the N largest objects (0: all)")
     p.add_argument("--screenshot", type=Path, help="render in headless Chromium, save this PNG and exit")
+    p.add_argument("--suggestion", type=int, metavar="N",
+                   help="open row N (its rank, from 1) of suggestions.csv: its position, zoom and selected object (overrides --select)")
+    p.add_argument("--suggestions", type=Path, metavar="CSV",
+                   help="the suggestions.csv to read (default: the one beside NG_DIR, results/<vol>/suggestions.csv)")
 
     p = verbs.add_parser("report", help="PNG plots and a metrics table for the Snakemake report")
     p.add_argument("--training", nargs=2, metavar=("METRICS_JSONL", "PNG"), help="loss and validation curves")
@@ -250,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"emmito {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _measure_verb, _look_verbs):
+    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _measure_verb, _suggest_verb, _look_verbs):
         add_verbs(verbs)
     return parser
 

@@ -157,13 +157,26 @@ def validate_sections(
     its defaults where absent); ``sections`` itself is filled in place too.
     ``explicit`` (the key paths the user set) defaults to those in ``sections``
     before filling (``explicit_keys``). Raises EmmitoError with one line naming
-    the key and the fix. The cross-key rules of a whole config are ``validate``'s.
+    the key and the fix. Rules between keys of one section, which a stage's
+    params always carry together, are checked here too (``_check_uncertainty``);
+    the cross-section rules of a whole config are ``validate``'s.
     """
     if explicit is None:
         explicit = getattr(sections, "explicit", None)
     explicit = explicit_keys(sections) if explicit is None else frozenset(explicit)
     _check_schema(sections, source)
+    _check_uncertainty(sections, source)
     return Validated(sections, explicit)
+
+
+def _check_uncertainty(config: dict[str, Any], source: str) -> None:
+    # infer.uncertainty and infer.tta share their x-stages, so any stage's params hold both or neither.
+    infer = config["infer"]
+    if infer["uncertainty"] == "tta_std" and infer["tta"] == 1:
+        raise EmmitoError(
+            f"{source}: infer.uncertainty tta_std needs infer.tta 4, 8 or 16 (the spread across the test-time "
+            "variants; no extra forward pass): set infer.tta: 4, or use infer.uncertainty: entropy"
+        )
 
 
 def _check_blocks(config: dict[str, Any], source: str) -> None:

@@ -55,6 +55,11 @@ VOLUME_DEPTH = "volume_depth"  # slices in the whole volume (heat, seg blocks, t
 DOWNSAMPLE_XY = "downsample_xy"  # factor between this file's y/x and the image's (also config infer.downsample_xy)
 CHANNELS = "channels"  # heat files: one name per channel (foreground, contour, emb0, ...)
 EMBEDDING_RANGE = "embedding_range"  # heat files of embedding models: the emb channels' scale
+# Heat files of infer.uncertainty tta_std / entropy: one more channel, after the model's, named
+# UNCERTAINTY_CHANNEL (uint8, HEAT_MAX = most uncertain: std 0.5 across the TTA variants, or
+# 1 bit of entropy), and the attribute UNCERTAINTY_KIND naming which (the config value).
+UNCERTAINTY_CHANNEL = "uncertainty"
+UNCERTAINTY_KIND = "uncertainty_kind"
 # image.h5: how the source's grey values became uint8, as a JSON object
 # {"rule": "identity" | "percentile" | "shift", "source_dtype": "uint16", "low": 312.0, "high": 3850.0,
 #  "percentiles": [0.1, 99.9], "sample_slices": 16}: one mapping for the whole volume.
@@ -82,7 +87,7 @@ BASE_KEYS = (VOXEL_SIZE, OFFSET, VERSION)
 # The volume frame that a file at inference resolution carries on (heat -> seg block -> traced).
 FRAME_KEYS = (VOLUME_DEPTH, DOWNSAMPLE_XY)
 # What merge checks is the same across the chunks of a block, and carries on.
-HEAT_KEYS = (VOLUME_DEPTH, DOWNSAMPLE_XY, CHANNELS, EMBEDDING_RANGE)
+HEAT_KEYS = (VOLUME_DEPTH, DOWNSAMPLE_XY, CHANNELS, EMBEDDING_RANGE, UNCERTAINTY_KIND)
 
 DEFAULT_VOXEL_SIZE = (1.0, 1.0, 1.0)
 
@@ -191,13 +196,14 @@ OUTPUT_VERSIONS: dict[str, int] = {
     "infer": 2,
     "merge": 1,
     "segment": 2,
-    "trace": 2,
+    "trace": 3,  # 3: trace.json keeps every cross-block match with its score ("matching", "matches")
     "upsample": 3,
     "evaluate": 2,
     "export": 2,
     "report": 2,
     "tune": 2,
     "measure": 1,
+    "suggest": 1,
 }
 
 # ---- results layout ---------------------------------------------------------------
@@ -297,6 +303,10 @@ class Results:
         """One row per object of seg.h5 (OBJECT_COLUMNS), written by the measure stage."""
         return f"{self.volume_dir(vol)}/objects.csv"
 
+    def suggestions(self, vol: str = "{vol}") -> str:
+        """What to proofread first, one row per suggestion (SUGGESTION_COLUMNS), written by the suggest stage."""
+        return f"{self.volume_dir(vol)}/{SUGGESTIONS_FILE}"
+
     def meshes(self, vol: str = "{vol}") -> str:
         """Neuroglancer legacy meshes of every object (MESH_* below), written by the measure stage."""
         return f"{self.volume_dir(vol)}/meshes"
@@ -360,6 +370,53 @@ MESH_INFO = {"@type": "neuroglancer_legacy_mesh"}
 
 def mesh_manifest_name(label: int) -> str:
     return f"{int(label)}:0"
+
+
+# ---- suggestions.csv ------------------------------------------------------------------
+# suggestions.csv (results/<vol>/, beside the export's ng/ folder): what to check first, one row
+# per suggestion, comma-separated, header row, "\n" line ends (csv quoting where a cell holds a
+# comma or a quote). Rows interleave the kinds (every kind's 1st, then every kind's 2nd, ...;
+# kinds in SUGGESTION_KINDS order); "rank" is the row's place in the file, from 1, and what
+# ``emmito view NG_DIR --suggestion N`` opens. Coordinates are full-resolution voxels of seg.h5
+# (z, y, x); boxes half-open [z0, z1).
+SUGGESTIONS_FILE = "suggestions.csv"
+SUGGESTION_COLUMNS = (
+    "rank",  # 1, 2, ... over the whole file
+    "kind",  # one of SUGGESTION_KINDS
+    "kind_rank",  # 1, 2, ... within its kind (1 = check first)
+    "reason",  # one sentence: what was measured, and where the uncertainty came from
+    "segment_id",  # the object's id in seg.h5; empty for a region
+    "score",  # what the kind ranks by (see SUGGESTION_KINDS), 6 decimals
+    "z",  # the voxel the view is centred on
+    "y",
+    "x",
+    "z0",  # the object's bounding box, or the region
+    "y0",
+    "x0",
+    "z1",
+    "y1",
+    "x1",
+    "view_state",  # compact JSON, a neuroglancer state fragment (SUGGESTION_VIEW_KEYS)
+)
+# The kinds, each with what its score is and the order within it.
+SUGGESTION_KINDS = (
+    "uncertain_object",  # mean uncertainty channel over the object's voxels (0-1), highest first; heat with it only
+    "low_margin",  # 1 - mean |2p - 1| of the foreground over its voxels (0-1), highest (closest to 0.5) first
+    "shape_outlier",  # the larger robust z-score of log volume and of length (objects.csv), highest first
+    "weak_match",  # a cross-block match's score (trace.json), lowest first, in [threshold, threshold + margin)
+    "uncertain_region",  # summed uncertainty (voxels x 0-1) in a suggest.region box, highest first; no segment
+)
+# The view state: {"position": [x, y, z] (voxels, each voxel's centre at index + 0.5 in z),
+# "crossSectionScale": voxels per screen pixel, "projectionScale": the 3D view's height in
+# voxels, "layers": {SUGGESTION_LAYER: {"segments": ["<id>"]}} (no segment for a region: all
+# shown)}; JSON keys as neuroglancer spells them, no server address in it.
+SUGGESTION_VIEW_KEYS = ("position", "crossSectionScale", "projectionScale", "layers")
+SUGGESTION_LAYER = "segmentation"  # the export's segmentation layer (emmito.export.SEGMENTATION_LAYER)
+
+
+def suggestions_beside(ng_dir: str | os.PathLike) -> str:
+    """The suggestions.csv that belongs to an export folder: results/<vol>/ng -> results/<vol>/suggestions.csv."""
+    return os.path.join(os.path.dirname(os.path.abspath(os.fspath(ng_dir))), SUGGESTIONS_FILE)
 
 
 # ---- checkpoints ------------------------------------------------------------------

@@ -53,6 +53,11 @@ from emmito.resampling import mean_pool_xy, pooled_shape
 from emmito.runtime import keep_freed_memory, pick_device, thread_count
 
 
+# The output channel infer.uncertainty is computed from: the target's first channel, the one that
+# plays the foreground's part (foreground for binary and binary_contour, skeleton_distance for that target).
+UNCERTAINTY_SOURCE = 0
+
+
 def volume_tiling(model_cfg: dict[str, Any], infer_cfg: dict[str, Any], shape: Sequence[int], factor: int = 1) -> Tiling:
     """The window grid (``tiling.plan_tiling``) of a full-resolution volume of ``shape`` (z, y, x) pooled by ``factor``."""
     return plan_tiling(model_cfg, infer_cfg, pooled_shape(shape, factor), len(output_channels(model_cfg)))
@@ -80,7 +85,10 @@ def infer_chunks(
     network. ``write_heat(chunk, first, heat)`` receives each run of finished
     uint8 (channel, n, y, x) slices of chunk ``chunk`` in order, ``first`` relative
     to the chunk's first slice, as soon as the windows are done with them, so
-    that writing overlaps the network. ``stats``: as ``predict_slices``'s.
+    that writing overlaps the network. ``stats``: as ``predict_slices``'s. With
+    ``infer.uncertainty`` other than ``none`` the heat has one more channel, last
+    (``contract.UNCERTAINTY_CHANNEL``), computed from the model's first channel
+    (``UNCERTAINTY_SOURCE``); the model's channels are the same bytes either way.
     """
     chunks = [int(c) for c in chunks]
     if chunks != list(range(chunks[0], chunks[0] + len(chunks))):
@@ -114,6 +122,8 @@ def infer_chunks(
         prefetch_batches=infer_cfg["prefetch_batches"],
         on_slices=on_slices,
         stats=stats,
+        uncertainty=infer_cfg["uncertainty"],
+        uncertainty_channel=UNCERTAINTY_SOURCE,
     )
     return tiling
 
@@ -175,11 +185,20 @@ class AlignedWriter:
         self.written_until = until
 
 
-def chunk_heat_attrs(checkpoint: dict[str, Any], model_cfg: dict[str, Any], depth: int, factor: int) -> dict[str, Any]:
-    """The attributes of a chunk's heat file: the checkpoint's channel names, the volume frame, the embedding range."""
+def chunk_heat_attrs(
+    checkpoint: dict[str, Any], model_cfg: dict[str, Any], depth: int, factor: int, uncertainty: str = "none"
+) -> dict[str, Any]:
+    """The attributes of a chunk's heat file: the checkpoint's channel names, the volume frame, the embedding range.
+
+    With ``uncertainty`` (``infer.uncertainty``) other than ``none``: ``contract.UNCERTAINTY_CHANNEL``
+    after the model's channels and ``contract.UNCERTAINTY_KIND`` naming it.
+    """
     channels = list(checkpoint.get(contract.CHECKPOINT_CHANNELS, output_channels(model_cfg)))
     embedding_range = DEFAULT_EMBEDDING_RANGE if embedding_dim(model_cfg) else None
-    return contract.heat_file_attrs(channels, depth, factor, embedding_range)
+    if uncertainty == "none":
+        return contract.heat_file_attrs(channels, depth, factor, embedding_range)
+    attrs = contract.heat_file_attrs([*channels, contract.UNCERTAINTY_CHANNEL], depth, factor, embedding_range)
+    return {**attrs, contract.UNCERTAINTY_KIND: uncertainty}
 
 
 class _ChunkFiles:
@@ -235,7 +254,7 @@ def write_heat_chunks(
         depth, height, width = image.shape
         voxel_size = contract.voxel_size(volume_attrs(image))
         factor = pooling_for_volume(checkpoint, voxel_size, image_path, checkpoint_path)
-        attrs = chunk_heat_attrs(checkpoint, model_cfg, depth, factor)
+        attrs = chunk_heat_attrs(checkpoint, model_cfg, depth, factor, infer_cfg["uncertainty"])
         channels = contract.channel_names(attrs)
 
         def make(chunk: int, path: Path) -> contextlib.AbstractContextManager:

@@ -17,10 +17,11 @@ inference gives the bytes of whole-volume inference: no seams at chunk faces.
 Three threads overlap the work around the network with the network itself:
 a reader reads the slices of the next row of windows (lazily, each slice once,
 dropped after its last use) and prepares the next batches of tiles; the caller's
-thread runs the model (with test-time augmentation, as a running mean); a
+thread runs the model (with test-time augmentation, as a running mean, and
+where asked the running variance of the foreground across the variants); a
 writer blends finished tiles into the output and hands finished slices on
-(``on_slices``). The queues between them hold ``prefetch_batches`` batches
-each, so memory is the output's float32 accumulator, the slices of about two
+(``on_slices``), with their foreground's entropy where asked. The queues
+between them hold ``prefetch_batches`` batches each, so memory is the output's float32 accumulator, the slices of about two
 rows of windows and a few batches: never the volume's depth.
 """
 
@@ -48,6 +49,8 @@ DEFAULT_INPUT_NORM = {"mean": 127.5, "std": 127.5}
 
 # Test-time augmentation sizes: y/x flips (4), + the yx transpose (8), + the z flip (16).
 TTA_COUNTS = (1, 4, 8, 16)
+# The uncertainty channel predict_slices can add after the model's (config infer.uncertainty).
+UNCERTAINTY_KINDS = ("none", "tta_std", "entropy")
 
 # How often (s) a thread blocked on a queue checks whether it should give up.
 _POLL_SECONDS = 0.05
@@ -193,24 +196,54 @@ def _augment(tiles: torch.Tensor, variant: tuple[bool, bool, bool, bool], invers
     return tiles
 
 
-def predict_tiles(model: torch.nn.Module, inputs: torch.Tensor, tta: int = 1) -> torch.Tensor:
+def check_uncertainty(uncertainty: str, tta: int) -> None:
+    """Refuse an ``uncertainty`` kind that is unknown or that ``tta`` cannot give (ValueError)."""
+    if uncertainty not in UNCERTAINTY_KINDS:
+        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, not {uncertainty!r}")
+    if uncertainty == "tta_std" and tta < 2:
+        raise ValueError("uncertainty tta_std needs tta 4, 8 or 16")
+
+
+def binary_entropy(probability: np.ndarray) -> np.ndarray:
+    """Binary entropy in bits, in [0, 1], of probabilities in [0, 1] (float32; 0 at 0 and 1, 1 at 0.5)."""
+    p = np.asarray(probability, dtype=np.float32)
+    q = np.float32(1.0) - p
+    bits = p * np.log2(np.where(p > 0, p, np.float32(1.0))) + q * np.log2(np.where(q > 0, q, np.float32(1.0)))
+    return np.clip(-bits, 0.0, 1.0)
+
+
+def predict_tiles(model: torch.nn.Module, inputs: torch.Tensor, tta: int = 1, std_of: int | None = None) -> torch.Tensor:
     """Sigmoid probabilities, float32 (batch, channel, z, y, x), of normalised input tiles (batch, 1, z, y, x).
 
     With ``tta`` > 1 each variant of ``tta_variants(tta)`` is run, undone on the
     output and folded into a running mean: one variant's output is held at a time.
+    ``std_of`` (a channel index, with ``tta`` > 1) appends one channel: twice the population
+    standard deviation of that channel across the variants (in [0, 1]: 0.5 is a probability's
+    largest), a running Welford variance beside the mean, so again one variant is held and no
+    forward pass is added; the mean is the same bytes with or without it.
     Runs on ``inputs``' device, with AMP there if it is CUDA; call under ``torch.inference_mode``.
     """
+    if std_of is not None:
+        check_uncertainty("tta_std", tta)
     mean: torch.Tensor | None = None
+    squares: torch.Tensor | None = None  # Welford: the sum of squared deviations from the running mean
+    picked = slice(std_of, None if std_of is None else std_of + 1)
     for count, variant in enumerate(tta_variants(tta), start=1):
         with autocast(inputs.device):
             logits = model(_augment(inputs, variant))
         probabilities = _augment(torch.sigmoid(logits.float()), variant, inverse=True)
         if mean is None:
             mean = probabilities.contiguous()
-        else:
-            mean += (probabilities - mean) / count
+            squares = None if std_of is None else torch.zeros_like(mean[:, picked])
+            continue
+        delta = None if squares is None else probabilities[:, picked] - mean[:, picked]
+        mean += (probabilities - mean) / count
+        if squares is not None:
+            squares += delta * (probabilities[:, picked] - mean[:, picked])
     assert mean is not None
-    return mean
+    if squares is None:
+        return mean
+    return torch.cat([mean, torch.clamp(2.0 * torch.sqrt(torch.clamp(squares / tta, min=0.0)), max=1.0)], dim=1)
 
 
 # ---- the three-thread pipeline -------------------------------------------------------
@@ -396,21 +429,27 @@ def _blend_tiles(
     queues: _Queues,
     on_slices: Callable[[int, np.ndarray], None] | None,
     result: dict[str, np.ndarray],
+    entropy_of: int | None = None,
 ) -> None:
-    """The writer thread: add weighted tiles into ``result["out"]``; normalise, clip and hand on slices as rows finish."""
+    """The writer thread: add weighted tiles into ``result["out"]``; normalise, clip and hand on slices as rows finish.
+
+    ``entropy_of``: a channel whose ``binary_entropy`` fills one more, last channel of the
+    finished (blended) slices.
+    """
     z_start, z_stop, height, width = grid.z_start, grid.z_stop, grid.height, grid.width
     out: np.ndarray | None = None
     finished_until = z_start
     while (item := _get(queues.tiles_done, queues.stop)) is not _END:
         first, weighted = item
+        blended = weighted.shape[1]
         if out is None:
-            out = np.zeros((weighted.shape[1], z_stop - z_start, height, width), dtype=np.float32)
+            out = np.zeros((blended + (entropy_of is not None), z_stop - z_start, height, width), dtype=np.float32)
             result["out"] = out
         for i, tile in enumerate(weighted):
             _, z, y, x = grid.window(first + i)
             (za, zb), (ya, yb), (xa, xb) = grid.valid(z, y, x)
             if za < zb and ya < yb and xa < xb:
-                out[:, za - z_start : zb - z_start, ya:yb, xa:xb] += tile[:, za - z : zb - z, ya - y : yb - y, xa - x : xb - x]
+                out[:blended, za - z_start : zb - z_start, ya:yb, xa:xb] += tile[:, za - z : zb - z, ya - y : yb - y, xa - x : xb - x]
         rows_done = (first + len(weighted)) // grid.per_row
         # Slices below the first unfinished row's valid region get no more windows: normalise and hand them on.
         next_valid = int(grid.z_starts[rows_done]) + grid.tiling.z.crop_lo if rows_done < grid.rows else z_stop
@@ -420,6 +459,8 @@ def _blend_tiles(
                 out[:, z - z_start] /= (weights.total_z[z - z_start] * weights.total_yx).astype(np.float32)
             done_slices = out[:, finished_until - z_start : limit - z_start]
             np.clip(done_slices, 0.0, 1.0, out=done_slices)
+            if entropy_of is not None:
+                done_slices[-1] = binary_entropy(done_slices[entropy_of])
             if on_slices is not None:
                 on_slices(finished_until - z_start, done_slices)
             finished_until = limit
@@ -428,7 +469,7 @@ def _blend_tiles(
 def _run_model(
     model: torch.nn.Module,
     device: torch.device,
-    tta: int,
+    tta: tuple[int, int | None],
     weights: _Weights,
     batches: int,
     progress: bool,
@@ -438,7 +479,8 @@ def _run_model(
 ) -> None:
     """The caller's thread: run the model on each batch the reader prepared and hand the weighted output to the writer.
 
-    Returns when both workers have ended (done, or stopped after one of them failed).
+    ``tta``: ``predict_tiles``' (tta, std_of). Returns when both workers have ended
+    (done, or stopped after one of them failed).
     """
     finished = False
     try:
@@ -447,7 +489,7 @@ def _run_model(
         ) as bar:
             while (item := _get(queues.tiles_ready, queues.stop, reader_thread)) is not _END:
                 first, batch = item
-                probabilities = predict_tiles(model, batch.to(device, non_blocking=True), tta)
+                probabilities = predict_tiles(model, batch.to(device, non_blocking=True), *tta)
                 probabilities *= weights.window
                 _put(queues.tiles_done, (first, probabilities.cpu().numpy()), queues.stop, writer_thread)
                 bar.update()
@@ -471,16 +513,20 @@ def _run_pipeline(
     norm: dict[str, float],
     batch_size: int,
     device: torch.device,
-    tta: int,
+    tta: tuple[int, int | None],
     prefetch_batches: int,
     progress: bool,
     on_slices: Callable[[int, np.ndarray], None] | None,
+    entropy_of: int | None = None,
 ) -> np.ndarray:
-    """Run the reader, the model and the writer over ``grid``; the blended output, or the first worker's error."""
+    """Run the reader, the model and the writer over ``grid``; the blended output, or the first worker's error.
+
+    ``tta``: ``predict_tiles``' (tta, std_of); ``entropy_of``: ``_blend_tiles``'.
+    """
     queues = _Queues(prefetch_batches)
     result: dict[str, np.ndarray] = {}
     reader_thread = _Worker(lambda: _prepare_tiles(grid, reader, norm, batch_size, device, queues), "emmito-infer-read")
-    writer_thread = _Worker(lambda: _blend_tiles(grid, weights, queues, on_slices, result), "emmito-infer-blend")
+    writer_thread = _Worker(lambda: _blend_tiles(grid, weights, queues, on_slices, result, entropy_of), "emmito-infer-blend")
     model.eval()
     reader_thread.start()
     writer_thread.start()
@@ -509,6 +555,8 @@ def predict_slices(
     prefetch_batches: int = 2,
     on_slices: Callable[[int, np.ndarray], None] | None = None,
     stats: dict[str, int] | None = None,
+    uncertainty: str = "none",
+    uncertainty_channel: int = 0,
 ) -> np.ndarray:
     """Blended sigmoid probabilities of slices [z_start, z_stop) of a volume of ``depth`` slices.
 
@@ -524,16 +572,26 @@ def predict_slices(
     relative to ``z_start``, float32 (channel, n, y, x) — a view; copy it to keep it.
     ``stats``, if given, receives ``windows``, ``voxels_in`` (voxels through the
     network, test-time variants included) and ``voxels_out`` (voxels written).
+    ``uncertainty`` (``UNCERTAINTY_KINDS``) other than ``none`` adds a last channel, in [0, 1], from
+    output channel ``uncertainty_channel`` (the foreground), at no extra forward pass: ``tta_std`` -
+    twice its standard deviation across the ``tta`` variants (``predict_tiles``' ``std_of``), blended
+    like the other channels; ``entropy`` - the ``binary_entropy`` (bits) of its blended probability.
+    The other channels are the same bytes with or without it.
     Returns float32 (channel, z_stop - z_start, y, x) in [0, 1].
     """
     if not 0 <= z_start < z_stop <= depth:
         raise ValueError(f"slices [{z_start}, {z_stop}) are not inside a volume of {depth} slices")
-    tta_variants(tta)  # refuse a bad count before starting threads
+    tta_variants(tta)  # refuse a bad count or kind before starting threads
+    check_uncertainty(uncertainty, tta)
     device = torch.device(device)
     norm = input_norm or DEFAULT_INPUT_NORM
     grid, reader = _plan_windows(read_slices, depth, z_start, z_stop, tiling)
     weights = _Weights.of(grid, blend_sigma, device)
-    out = _run_pipeline(model, grid, reader, weights, norm, batch_size, device, tta, prefetch_batches, progress, on_slices)
+    std_of = uncertainty_channel if uncertainty == "tta_std" else None
+    entropy_of = uncertainty_channel if uncertainty == "entropy" else None
+    out = _run_pipeline(
+        model, grid, reader, weights, norm, batch_size, device, (tta, std_of), prefetch_batches, progress, on_slices, entropy_of
+    )
     if stats is not None:
         stats["windows"] = stats.get("windows", 0) + grid.window_count
         stats["voxels_in"] = stats.get("voxels_in", 0) + grid.window_count * int(np.prod(grid.patch)) * tta

@@ -17,6 +17,11 @@ them): the rows of the slices each block owns are summed per global id into
 seg_infer.h5's ``contract.OBJECT_SCORES`` (``traced_scores``), so a traced
 object's mean foreground heat is over exactly its voxels, whichever blocks
 its parts came from (the voxel-weighted mean of the parts).
+
+trace.json (the record ``trace`` returns): "blocks"; "objects" (per global id:
+voxels, bbox, blocks); "id_map" (per block, local id -> global id);
+"matching" (the criterion and threshold it matched with) and "matches" (every
+cross-block match with its overlap score, ``match_record``).
 """
 
 from __future__ import annotations
@@ -45,17 +50,13 @@ BlockReader = Callable[[int, int, int], np.ndarray]
 ScoreReader = Callable[[int], "np.ndarray | None"]
 
 
-def match_overlap(
-    slab_a: np.ndarray, slab_b: np.ndarray, criterion: str = "iou", threshold: float = 0.5
-) -> list[tuple[int, int]]:
-    """Pairs (id in slab_a, id in slab_b) of objects that are the same object.
+def overlap_scores(slab_a: np.ndarray, slab_b: np.ndarray, criterion: str = "iou") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids in slab_a, ids in slab_b, scores) of every pair of objects that share a voxel, sorted by pair.
 
     ``slab_a`` and ``slab_b``: uint32 (z, y, x) labels of the same slices as
     seen by two blocks (0 = background). The score of a pair, computed in 3D
     over the slab, is IoU (``criterion="iou"``) or intersection over the
-    smaller of the two (``"ioa"``); pairs scoring >= ``threshold`` are
-    returned, sorted. Every pair, not only the best per object, so that a
-    merge seen by one block joins the objects in the other.
+    smaller of the two (``"ioa"``).
     """
     if slab_a.shape != slab_b.shape:
         raise ValueError(f"overlap slabs differ in shape: {slab_a.shape} vs {slab_b.shape}")
@@ -65,7 +66,7 @@ def match_overlap(
     b = slab_b.reshape(-1)
     both = (a != 0) & (b != 0)
     if not both.any():
-        return []
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     # One 64-bit key per (a, b) pair: counting keys counts intersections in C.
     keys = (a[both].astype(np.uint64) << np.uint64(32)) | b[both].astype(np.uint64)
     pair_keys, intersections = fastremap.unique(keys, return_counts=True)
@@ -80,8 +81,27 @@ def match_overlap(
         score = intersections / (size_a + size_b - intersections)
     else:
         score = intersections / np.minimum(size_a, size_b)
+    return pair_a, pair_b, score
+
+
+def scored_matches(
+    slab_a: np.ndarray, slab_b: np.ndarray, criterion: str = "iou", threshold: float = 0.5
+) -> list[tuple[int, int, float]]:
+    """(id in slab_a, id in slab_b, score) of the pairs scoring >= ``threshold`` (``overlap_scores``), sorted.
+
+    Every pair, not only the best per object, so that a merge seen by one
+    block joins the objects in the other.
+    """
+    pair_a, pair_b, score = overlap_scores(slab_a, slab_b, criterion)
     chosen = score >= threshold
-    return list(zip(pair_a[chosen].tolist(), pair_b[chosen].tolist()))
+    return list(zip(pair_a[chosen].tolist(), pair_b[chosen].tolist(), score[chosen].tolist()))
+
+
+def match_overlap(
+    slab_a: np.ndarray, slab_b: np.ndarray, criterion: str = "iou", threshold: float = 0.5
+) -> list[tuple[int, int]]:
+    """Pairs (id in slab_a, id in slab_b) of objects that are the same object: ``scored_matches`` without the scores."""
+    return [(a, b) for a, b, _ in scored_matches(slab_a, slab_b, criterion, threshold)]
 
 
 def resolve_ids(
@@ -239,11 +259,12 @@ def trace(
     per global id (``traced_scores``), handed to ``write_scores``; nothing is
     written where a block has none.
 
-    Returns the trace record: {"blocks", "objects", "id_map"} (see trace.json).
+    Returns the trace record (trace.json): {"blocks", "objects", "id_map",
+    "matching", "matches"} (``match_record``).
     """
     block_ids: list[np.ndarray] = []
     owned_stats: list[OwnedStatistics] = []
-    matches: list[list[tuple[int, int]]] = []
+    matches: list[list[tuple[int, int, float]]] = []
     previous_tail: np.ndarray | None = None
     for b in tqdm(range(layout.n_blocks), desc="trace: match", unit="block", file=sys.stderr, disable=not progress):
         start, stop = layout.block_range(b)
@@ -251,7 +272,7 @@ def trace(
         labels = read_block(b, 0, stop - start)
         if previous_tail is not None:
             head_range = shared_slab(layout, b - 1)[1]
-            matches.append(match_overlap(previous_tail, labels[head_range[0] : head_range[1]], criterion, threshold))
+            matches.append(scored_matches(previous_tail, labels[head_range[0] : head_range[1]], criterion, threshold))
         if b + 1 < layout.n_blocks:
             tail_range = shared_slab(layout, b)[0]
             previous_tail = labels[tail_range[0] : tail_range[1]].copy()
@@ -261,11 +282,33 @@ def trace(
         block_ids.append(np.union1d(owned_stats[-1].ids, overlap_ids[overlap_ids != 0]))
         del labels
 
-    id_maps = resolve_ids(block_ids, [s.ids for s in owned_stats], matches)
+    id_maps = resolve_ids(block_ids, [s.ids for s in owned_stats], [[(x, y) for x, y, _ in pairs] for pairs in matches])
     n_objects = max((max(m.values()) for m in id_maps if m), default=0)
     scores = traced_scores(read_scores, layout, id_maps, owned_stats, n_objects) if read_scores else None
     if scores is not None and write_scores is not None:
         write_scores(scores)
+
+    for b in tqdm(range(layout.n_blocks), desc="trace: write", unit="block", file=sys.stderr, disable=not progress):
+        own_start, own_stop = layout.block_own_range(b)
+        owned = np.ascontiguousarray(read_block(b, 0, own_stop - own_start), dtype=np.uint32)
+        ids = owned_stats[b].ids
+        lut = np.zeros(int(ids[-1]) + 1 if len(ids) else 1, dtype=np.uint32)
+        if len(ids):
+            lut[ids] = [id_maps[b][i] for i in ids.tolist()]
+        write_slab(own_start, apply_lut(owned, lut))
+        del owned
+
+    id_map = {str(b): {str(k): int(v) for k, v in m.items()} for b, m in enumerate(id_maps)}
+    return {
+        "blocks": layout.n_blocks,
+        "objects": object_record(owned_stats, id_maps, n_objects),
+        "id_map": id_map,
+        **match_record(matches, id_maps, criterion, threshold),
+    }
+
+
+def object_record(owned_stats: list[OwnedStatistics], id_maps: list[dict[int, int]], n_objects: int) -> dict[str, Any]:
+    """trace.json's "objects": per global id, its voxels, bounding box (volume frame, end exclusive) and blocks."""
     voxels = np.zeros(n_objects + 1, dtype=np.int64)
     box_low = np.full((n_objects + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
     box_high = np.zeros((n_objects + 1, 3), dtype=np.int64)
@@ -279,18 +322,7 @@ def trace(
         np.maximum.at(box_high, globals_, stats.boxes[:, 3:])
         for g in globals_.tolist():
             spans[g].add(b)
-
-    for b in tqdm(range(layout.n_blocks), desc="trace: write", unit="block", file=sys.stderr, disable=not progress):
-        own_start, own_stop = layout.block_own_range(b)
-        owned = np.ascontiguousarray(read_block(b, 0, own_stop - own_start), dtype=np.uint32)
-        ids = owned_stats[b].ids
-        lut = np.zeros(int(ids[-1]) + 1 if len(ids) else 1, dtype=np.uint32)
-        if len(ids):
-            lut[ids] = [id_maps[b][i] for i in ids.tolist()]
-        write_slab(own_start, apply_lut(owned, lut))
-        del owned
-
-    objects = {
+    return {
         str(g): {
             "voxels": int(voxels[g]),
             "bbox": [int(v) for v in box_low[g]] + [int(v) for v in box_high[g]],
@@ -298,8 +330,25 @@ def trace(
         }
         for g in range(1, n_objects + 1)
     }
-    id_map = {str(b): {str(k): int(v) for k, v in m.items()} for b, m in enumerate(id_maps)}
-    return {"blocks": layout.n_blocks, "objects": objects, "id_map": id_map}
+
+
+def match_record(
+    matches: list[list[tuple[int, int, float]]], id_maps: list[dict[int, int]], criterion: str, threshold: float
+) -> dict[str, Any]:
+    """trace.json's "matching" ({"criterion", "threshold"}) and "matches": every cross-block match with its score.
+
+    One entry per matched pair, in block order then by pair: {"block": b (the
+    pair is blocks b and b+1), "id_a": local id in block b, "id_b": local id in
+    block b+1, "object": the global id they became, "score": the IoU (or IoA)
+    over the shared slab, >= threshold}. A match just above the threshold is
+    where tracing was least sure (``emmito suggest`` lists them).
+    """
+    entries = [
+        {"block": b, "id_a": int(a), "id_b": int(c), "object": int(id_maps[b + 1][c]), "score": float(score)}
+        for b, pairs in enumerate(matches)
+        for a, c, score in pairs
+    ]
+    return {"matching": {"criterion": criterion, "threshold": float(threshold)}, "matches": entries}
 
 
 def trace_arrays(

@@ -19,6 +19,12 @@ writes), x/y/z in nm, and the position on the centre of the largest object so
 that the first slice shown contains objects. Beside the xy slice a 3D panel
 shows the selected objects' meshes (export copies them into the segmentation),
 seen obliquely and without the slice planes, which would hide half of each.
+
+``--suggestion N`` opens row N (its rank, from 1) of the suggestions.csv
+beside NG_DIR (``contract.suggestions_beside``: ``results/<vol>/ng`` ->
+``results/<vol>/suggestions.csv``; ``--suggestions CSV`` names another): the
+row's view state (``contract.SUGGESTION_VIEW_KEYS``: position, zoom, 3D scale,
+the selected object) replaces the largest objects' view.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 from emmito import contract
 from emmito.export import IMAGE_LAYER, OBJECTS_FILE, SEGMENTATION_LAYER
 from emmito.io import EmmitoError, atomic_path, read_json
+from emmito.suggest import OBJECT_PROJECTION, OBJECT_ZOOM, box_position, box_projection_scale, box_zoom, read_suggestions
 
 # Flags that make Chromium render WebGL in software on a machine without a GPU
 # or a display (see the neuroglancer note: SwiftShader through ANGLE).
@@ -94,12 +101,12 @@ def initial_position(record: dict[str, Any], selected: list[int]) -> list[float]
     The z is an integer slice plus 0.5 (a voxel's centre) so that the slice
     shown is exactly that slice.
     """
-    if selected:
-        z0, y0, x0, z1, y1, x1 = record["objects"][str(selected[0])]["bbox"]
-    else:
-        z0, y0, x0 = 0, 0, 0
-        z1, y1, x1 = record["shape"]
-    return [(x0 + x1) / 2, (y0 + y1) / 2, (z0 + z1 - 1) // 2 + 0.5]
+    return box_position(_first_box(record, selected))
+
+
+def _first_box(record: dict[str, Any], selected: list[int]) -> list[int]:
+    """The first selected object's bounding box (z0, y0, x0, z1, y1, x1, full-resolution voxels), else the volume's."""
+    return list(record["objects"][str(selected[0])]["bbox"]) if selected else [0, 0, 0, *record["shape"]]
 
 
 def initial_zoom(record: dict[str, Any], selected: list[int], view_pixels: int = 600) -> float:
@@ -108,24 +115,12 @@ def initial_zoom(record: dict[str, Any], selected: list[int], view_pixels: int =
     Closer means about 4 times the first selected object's extent in view, so
     that on a 4k slice the object is not a speck but its neighbourhood shows.
     """
-    whole_slice = max(record["shape"][1:]) / view_pixels
-    if not selected:
-        return whole_slice
-    z0, y0, x0, z1, y1, x1 = record["objects"][str(selected[0])]["bbox"]
-    return min(whole_slice, 4 * max(y1 - y0, x1 - x0) / view_pixels)
+    return box_zoom(_first_box(record, selected), record["shape"], OBJECT_ZOOM if selected else 1.0, view_pixels)
 
 
 def initial_projection_scale(record: dict[str, Any], selected: list[int]) -> float:
     """Height of the 3D view in the finest voxel's units: 3 times the first selected object's largest extent, else the volume's."""
-    sizes = record[contract.VOXEL_SIZE]
-    if selected:
-        box = record["objects"][str(selected[0])]["bbox"]
-        extents = [(high - low) * size for low, high, size in zip(box[:3], box[3:], sizes)]
-        factor = 3.0
-    else:
-        extents = [n * size for n, size in zip(record["shape"], sizes)]
-        factor = 1.5
-    return factor * max(extents) / min(sizes)
+    return box_projection_scale(_first_box(record, selected), record[contract.VOXEL_SIZE], OBJECT_PROJECTION if selected else 1.5)
 
 
 class DataServer:
@@ -251,23 +246,66 @@ def screenshot(viewer: Any, size: tuple[int, int] = (800, 600), timeout: float =
     return result[0].screenshot.image
 
 
-def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito view NG_DIR [--bind ADDR] [--port P] [--select N] [--screenshot PNG]``."""
-    viewer, data, record = start_viewer(args.ng_dir, args.bind, args.port, args.select)
+def chosen_suggestion(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Row ``--suggestion N`` (rank N) of ``--suggestions`` (default: the suggestions.csv beside NG_DIR), or None without it."""
+    number = getattr(args, "suggestion", None)
+    if number is None:
+        return None
+    path = Path(getattr(args, "suggestions", None) or contract.suggestions_beside(args.ng_dir))
+    rows = read_suggestions(path)
+    for row in rows:
+        if row["rank"] == str(number):
+            return row
+    raise EmmitoError(f"{path}: no suggestion {number}: it has {len(rows)} rows, ranked 1 to {len(rows)}; pick one of those")
+
+
+def apply_suggestion(viewer: Any, row: dict[str, Any]) -> None:
+    """Put the viewer where the row's view state says: position, zoom, 3D scale and the selected segments per layer."""
+    fragment = row["view_state"]
+    missing = [key for key in contract.SUGGESTION_VIEW_KEYS if key not in fragment]
+    if missing:
+        raise EmmitoError(f"suggestion {row['rank']}: its view_state lacks {', '.join(missing)}: rerun emmito suggest")
+    with viewer.txn() as state:
+        state.position = [float(v) for v in fragment["position"]]
+        state.cross_section_scale = float(fragment["crossSectionScale"])
+        state.projection_scale = float(fragment["projectionScale"])
+        for name, layer in fragment["layers"].items():
+            if name not in state.layers:
+                raise EmmitoError(f"suggestion {row['rank']}: its view_state names layer '{name}', which the export has not: rerun emmito suggest")
+            state.layers[name].segments = [int(s) for s in layer.get("segments", [])]
+
+
+def _save_screenshot(viewer: Any, url: str, path: Path) -> None:
+    driver = open_headless(url)
     try:
+        png = screenshot(viewer)
+    finally:
+        driver.quit()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    print(f"emmito view: screenshot of {url} -> {path}", file=sys.stderr)
+
+
+def _what_is_shown(record: dict[str, Any], select: int, row: dict[str, Any] | None) -> str:
+    if row is not None:
+        segment = f" (object {row['segment_id']})" if row["segment_id"] else ""
+        return f"emmito view: suggestion {row['rank']}, {row['kind']}{segment}: {row['reason']}"
+    shown = largest_objects(record, select) if select > 0 else []
+    return f"emmito view: {len(record['objects'])} objects; showing {'the largest: ' + ', '.join(map(str, shown)) if shown else 'all'}"
+
+
+def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """``emmito view NG_DIR [--bind ADDR] [--port P] [--select N] [--suggestion N [--suggestions CSV]] [--screenshot PNG]``."""
+    row = chosen_suggestion(args)
+    viewer, data, record = start_viewer(args.ng_dir, args.bind, args.port, 0 if row is not None else args.select)
+    try:
+        if row is not None:
+            apply_suggestion(viewer, row)
         url = viewer.get_viewer_url()
         if args.screenshot:
-            driver = open_headless(url)
-            try:
-                png = screenshot(viewer)
-            finally:
-                driver.quit()
-            with atomic_path(args.screenshot) as tmp:
-                tmp.write_bytes(png)
-            print(f"emmito view: screenshot of {url} -> {args.screenshot}", file=sys.stderr)
+            _save_screenshot(viewer, url, args.screenshot)
             return
-        shown = largest_objects(record, args.select) if args.select > 0 else []
-        print(f"emmito view: {len(record['objects'])} objects; showing {'the largest: ' + ', '.join(map(str, shown)) if shown else 'all'}")
+        print(_what_is_shown(record, args.select, row))
         print(f"open {url}  (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)

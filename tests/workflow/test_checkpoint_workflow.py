@@ -72,7 +72,7 @@ def test_a_checkpoint_from_another_project_segments_a_new_volume_without_trainin
     planned = jobs_listed(snakemake(project, "-n").stdout)
     assert "train" not in planned and "tune" not in planned and "report_training" not in planned, planned
     assert planned == Counter(
-        convert=1, convert_labels=1, infer=3, merge=2, segment=2, trace=1, upsample=1, measure=1, export=1,
+        convert=1, convert_labels=1, infer=3, merge=2, segment=2, trace=1, upsample=1, measure=1, suggest=1, export=1,
         ome_zarr=1, evaluate=1, report_volume=1, report_objects=1, report_scores=1, report_decoder=1,
     ), planned
     before = checkpoint.stat().st_mtime_ns

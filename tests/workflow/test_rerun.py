@@ -37,7 +37,7 @@ def jobs(vol: str | None, **counts: int) -> Counter:
 
 # What reruns downstream of each stage, for one volume (the reports too).
 FROM_EVALUATE = {"evaluate": 1, "report_scores": 1}
-FROM_UPSAMPLE = {"upsample": 1, "measure": 1, "export": 1, "ome_zarr": 1, "report_volume": 1, "report_objects": 1}
+FROM_UPSAMPLE = {"upsample": 1, "measure": 1, "suggest": 1, "export": 1, "ome_zarr": 1, "report_volume": 1, "report_objects": 1}
 FROM_TRACE = {"trace": 1, **FROM_UPSAMPLE, **FROM_EVALUATE}
 FROM_SEGMENT = {"segment": BLOCKS, **FROM_TRACE}
 FROM_MERGE = {"merge": BLOCKS, **FROM_SEGMENT}
@@ -68,7 +68,7 @@ MATRIX = {
         {"convert": {"percentiles": [1, 99]}},
         TRAINING + jobs("train", convert=1) + jobs(DEPLOY, convert=1, **FROM_INFER),
     ),
-    "measure key": ({"measure": {"mesh_reduction": 5}}, jobs(DEPLOY, measure=1, export=1, report_objects=1)),
+    "measure key": ({"measure": {"mesh_reduction": 5}}, jobs(DEPLOY, measure=1, suggest=1, export=1, report_objects=1)),
     "export.tiff switched on": ({"export": {"tiff": True}}, jobs(DEPLOY, tiff=1)),
     "evaluate key": ({"evaluate": {"iou_threshold": 0.6}}, jobs(DEPLOY, **FROM_EVALUATE)),
     "thread counts": ({"train": {"threads": 1}, "infer": {"threads": 1}, "segment": {"threads": 1}}, NOTHING),
