@@ -438,3 +438,11 @@ for _vol in dict.fromkeys(
 ):
     for _kind in ("images", "labels") if has_labels(_vol) else ("images",):
         volume_source(_vol, _kind)
+
+
+def suggest_heat_blocks(wildcards):
+    """Every heat block of the volume: suggest reads the slices each owns."""
+    return [
+        R.heat_block(wildcards.vol, b)
+        for b in range(volume_layout(wildcards.vol).n_blocks)
+    ]

@@ -3,14 +3,6 @@
 # per-object sums.
 
 
-def suggest_heat_blocks(wildcards):
-    """Every heat block of the volume: suggest reads the slices each owns."""
-    return [
-        R.heat_block(wildcards.vol, b)
-        for b in range(volume_layout(wildcards.vol).n_blocks)
-    ]
-
-
 rule suggest:
     """suggestions.csv: what to proofread or label first, each row with a neuroglancer view state."""
     input:
