@@ -68,9 +68,25 @@ SUPPORT_SET = config["segment"]["support_set"] or support_set_beside(CHECKPOINT)
 NEEDS_SUPPORT = config["segment"]["decoder"] == "nearest_neighbour"
 # The decoder settings tuned for the model (rules/tune.smk): the tune job chooses them on the
 # labelled volumes, train.validation where given, else train.volumes (never a volume that is
-# only segmented). With model.checkpoint set and nothing labelled to tune on there is no tune
-# job: segment reads the decoder.json beside that checkpoint where there is one, else nothing.
-TUNE_VOLUMES = config["train"]["validation"] or config["train"]["volumes"]
+# only segmented, nor one labelled only in part: fully_labelled). With nothing fully labelled
+# to tune on there is no tune job: segment reads the decoder.json beside the checkpoint where
+# there is one, else nothing.
+
+
+def has_labels(vol):
+    return "labels" in config["volumes"][vol]
+
+
+def fully_labelled(vol):
+    """Labelled everywhere: labels and neither labels_offset nor valid (a proofread crop is for training only)."""
+    return has_labels(vol) and not emmito_config.partly_labelled(config["volumes"][vol])
+
+
+TUNE_VOLUMES = [
+    v
+    for v in config["train"]["validation"] or config["train"]["volumes"]
+    if fully_labelled(v)
+]
 TUNE_CHECKPOINT = CHECKPOINT
 if TUNE_VOLUMES:
     DECODER_SETTINGS = R.decoder_settings(MODEL)
@@ -124,10 +140,6 @@ def slice_voxels(vol):
     return max(1, (described.height // factor) * (described.width // factor))
 
 
-def has_labels(vol):
-    return "labels" in config["volumes"][vol]
-
-
 @cache
 def volume_layout(vol):
     """The chunks and blocks of one volume."""
@@ -138,7 +150,10 @@ def volume_layout(vol):
 
 
 def all_outputs():
-    """Final targets: the traced, full-resolution segmentation and, where labels exist, metrics.
+    """Final targets: the traced, full-resolution segmentation and, where labels cover the volume, metrics.
+
+    A partly labelled volume (labels_offset / valid) gets no metrics: they would count its
+    unlabelled voxels as background.
 
     The model and its training report only where the workflow trains it (model.checkpoint empty).
     """
@@ -159,7 +174,7 @@ def all_outputs():
         targets += [
             R.report(vol, name) for name in ("overlays.png", "sizes.png", "objects.png")
         ]
-        if has_labels(vol):
+        if fully_labelled(vol):
             targets.append(R.metrics(vol))
             targets += [R.report(vol, "scores.png"), R.report(vol, "metrics.html")]
     return targets
@@ -177,7 +192,10 @@ def convert_labels(wildcards):
         raise WorkflowError(
             f"{R.label(wildcards.vol)} was requested but volumes.{wildcards.vol} has no 'labels': add them to the config"
         )
-    return source_files(wildcards.vol) + source_files(wildcards.vol, "labels")
+    files = source_files(wildcards.vol) + source_files(wildcards.vol, "labels")
+    if "valid" in config["volumes"][wildcards.vol]:
+        files += source_files(wildcards.vol, "valid")
+    return files
 
 
 def train_inputs(wildcards):
@@ -420,7 +438,14 @@ def images_arg(wildcards):
 
 def labels_arg(wildcards):
     volume = config["volumes"][wildcards.vol]
-    return f"--labels {shlex.quote(volume['labels'])} --label-format {volume['label_format']}"
+    arg = f"--labels {shlex.quote(volume['labels'])} --label-format {volume['label_format']}"
+    # A partly labelled volume (a proofread crop) only: every other volume's command is as it was.
+    if "labels_offset" in volume:
+        offset = " ".join(str(int(v)) for v in volume["labels_offset"])
+        arg += f" --labels-offset {offset}"
+    if "valid" in volume:
+        arg += f" --valid {shlex.quote(volume['valid'])}"
+    return arg
 
 
 def voxel_size_arg(wildcards):
@@ -436,8 +461,9 @@ for _vol in dict.fromkeys(
     + config["train"]["validation"]
     + config["infer"]["volumes"]
 ):
-    for _kind in ("images", "labels") if has_labels(_vol) else ("images",):
-        volume_source(_vol, _kind)
+    for _kind in ("images", "labels", "valid"):
+        if _kind in config["volumes"][_vol]:
+            volume_source(_vol, _kind)
 
 
 def suggest_heat_blocks(wildcards):

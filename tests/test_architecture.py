@@ -18,8 +18,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "emmito"
 
-STAGES = {"convert", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export", "measure"}
-TOP = {"cli", "report", "view", "summary", "__main__"}
+STAGES = {"convert", "train", "infer", "merge", "segment", "tune", "trace", "upsample", "evaluate", "export", "measure", "suggest"}
+TOP = {"cli", "report", "view", "summary", "crop", "__main__"}
 CONTRACT = "contract"
 FORBIDDEN_LITERALS = ('"main"', '"volume_depth"', '"downsample_xy"', '"channels"', '"voxel_size"', '"offset"', '"results/')
 MAX_FUNCTION_LINES = 80

@@ -217,7 +217,7 @@ def test_every_verb_is_in_the_parser():
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
     assert list(verbs) == [
         "synth", "convert", "train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export",
-        "measure", "suggest", "view", "report", "summary",
+        "measure", "suggest", "crop", "view", "report", "summary",
     ]
     staged = [name for name, sub in verbs.items() if any(a.dest == "params" for a in sub._actions)]
     assert staged == ["convert", "train", "infer", "tune", "merge", "segment", "trace", "upsample", "evaluate", "export", "measure", "suggest"]

@@ -302,6 +302,8 @@ CHANGES = [  # (a change to a whole config, the stages whose params it changes)
     ({"model": {cfg.contract.DOWNSAMPLE_XY: 4}}, {"train", "infer"}),
     ({"train": {"learning_rate": 0.001}}, {"train"}),
     ({"seed": 4}, {"train"}),
+    ({"suggest": {"rows_per_kind": 5}}, {"suggest"}),
+    ({"suggest": {"region": [10, 128, 128], "outlier_z": 2.5}}, {"suggest"}),
 ]
 
 

@@ -34,6 +34,7 @@ def finished_volume(root: Path, vol: str) -> contract.Results:
     for i, row in enumerate(rows, start=1):
         row.update(id=i, voxels=10 * i, volume_um3=0.01 * i, length_um=0.5 * i, touches_edge=int(i == 3))
     write_objects(layout.objects(vol), rows)
+    Path(layout.suggestions(vol)).write_text("rank\n")
     Path(layout.ome_zarr(vol)).mkdir(parents=True)
     Path(layout.neuroglancer(vol)).mkdir(parents=True)
     Path(layout.report_dir(vol)).mkdir(parents=True)
@@ -77,6 +78,8 @@ def test_a_finished_volume_shows_objects_metrics_and_paths(tmp_path):
     assert "missing" not in done
     assert line(done, "look at it").endswith(f"emmito view {layout.neuroglancer('done')}")
     assert line(done, "objects table").split()[-1] == layout.objects("done")
+    assert line(done, "to proofread").split()[-1] == layout.suggestions("done")
+    assert line(done, "first suggestion").endswith(f"emmito view {layout.neuroglancer('done')} --suggestion 1")
     assert line(done, "median object").split()[2:] == ["0.02", "µm³,", "1", "µm", "long", "(1", "of", "3", "cut", "by", "the", "volume's", "edge)"]
 
 

@@ -119,6 +119,15 @@ def _data_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, help=f"the images: {spec}")
     p.add_argument("--labels", help=f"the labels, one slice per image slice: {spec}")
     p.add_argument("--label-format", choices=["binary", "instance", "vast"], default="binary")
+    p.add_argument(
+        "--labels-offset", type=int, nargs=3, metavar=("Z", "Y", "X"),
+        help="the labels are a crop of the images (a proofread box) whose first voxel is at (Z, Y, X) in them; "
+        "label.h5 keeps the images' shape, unlabelled outside the crop (writes the 'valid' mask; with --labels)",
+    )
+    p.add_argument(
+        "--valid", metavar="SPEC",
+        help=f"where the labels are known, the labels' shape, non-zero = labelled (writes the 'valid' mask; with --labels): {spec}",
+    )
     p.add_argument("--voxel-size", type=float, nargs=3, default=[40.0, 8.0, 8.0], metavar=("Z", "Y", "X"))
     p.add_argument("--image-out", type=Path, help="image.h5 to write (at least one of --image-out / --label-out)")
     p.add_argument("--label-out", type=Path, help="label.h5 to write (needs --labels; --images is still read to check counts and sizes)")
@@ -225,6 +234,18 @@ def _suggest_verb(verbs: argparse._SubParsersAction) -> None:
     _add_params(p)
 
 
+def _crop_verb(verbs: argparse._SubParsersAction) -> None:
+    """The verb crop: a box of seg.h5 to proofread, and the config lines that register it as training labels."""
+    p = verbs.add_parser("crop", help="write a box of seg.h5 (a suggestion's, or --box) to proofread; prints how to register it for fine-tuning")
+    p.add_argument("seg", type=Path, help="seg.h5 (results/<vol>/seg.h5)")
+    p.add_argument("out", type=Path, help="the crop to write (HDF5, dataset main, uint32 ids)")
+    p.add_argument("--box", type=int, nargs=6, metavar=("Z0", "Y0", "X0", "Z1", "Y1", "X1"),
+                   help="the box, full-resolution voxels, end-exclusive")
+    p.add_argument("--suggestion", type=int, metavar="N", help="the box of row N (its rank) of suggestions.csv")
+    p.add_argument("--suggestions", type=Path, metavar="CSV",
+                   help="the suggestions.csv to read (default: the one beside SEG, results/<vol>/suggestions.csv)")
+
+
 def _tune_verb(verbs: argparse._SubParsersAction) -> None:
     """The verb tune: the decoder's settings for a model, chosen on labelled volumes."""
     p = verbs.add_parser("tune", help="choose the decoder's thresholds for a checkpoint on labelled volumes; writes decoder.json")
@@ -267,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emmito", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"emmito {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _measure_verb, _suggest_verb, _look_verbs):
+    for add_verbs in (_data_verbs, _model_verbs, _tune_verb, _block_verbs, _volume_verbs, _measure_verb, _suggest_verb, _crop_verb, _look_verbs):
         add_verbs(verbs)
     return parser
 

@@ -193,7 +193,20 @@ def _check_blocks(config: dict[str, Any], source: str) -> None:
         )
 
 
+# The volume keys that make a volume partly labelled (a proofread crop): label.h5 then holds a valid mask.
+PARTIAL_LABEL_KEYS = ("labels_offset", "valid")
+
+
+def partly_labelled(volume: Mapping[str, Any]) -> bool:
+    """Whether a ``volumes.<name>`` entry is labelled only in part (``labels_offset`` or ``valid`` set)."""
+    return any(key in volume for key in PARTIAL_LABEL_KEYS)
+
+
 def _check_volume_names(config: dict[str, Any], source: str) -> None:
+    for name, volume in config["volumes"].items():
+        if partly_labelled(volume) and "labels" not in volume:
+            given = " and ".join(k for k in PARTIAL_LABEL_KEYS if k in volume)
+            raise EmmitoError(f"{source}: volumes.{name} sets {given} but has no 'labels': add volumes.{name}.labels or remove {given}")
     for section, key in (("train", "volumes"), ("train", "validation"), ("infer", "volumes")):
         for name in config[section][key]:
             if name not in config["volumes"]:
@@ -204,6 +217,12 @@ def _check_volume_names(config: dict[str, Any], source: str) -> None:
     for name in config["train"]["volumes"] + config["train"]["validation"]:
         if "labels" not in config["volumes"][name]:
             raise EmmitoError(f"{source}: volume '{name}' is used for training but has no 'labels': add volumes.{name}.labels")
+    for name in config["train"]["validation"]:
+        if partly_labelled(config["volumes"][name]):
+            raise EmmitoError(
+                f"{source}: train.validation names volume '{name}', which is labelled only in part "
+                f"(volumes.{name}.labels_offset / valid): validate on a fully labelled volume, or move it to train.volumes"
+            )
     overlap = set(config["train"]["volumes"]) & set(config["train"]["validation"])
     if overlap:
         raise EmmitoError(f"{source}: volume(s) {sorted(overlap)} are in both train.volumes and train.validation: never validate on training data")

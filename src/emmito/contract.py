@@ -60,6 +60,13 @@ EMBEDDING_RANGE = "embedding_range"  # heat files of embedding models: the emb c
 # 1 bit of entropy), and the attribute UNCERTAINTY_KIND naming which (the config value).
 UNCERTAINTY_CHANNEL = "uncertainty"
 UNCERTAINTY_KIND = "uncertainty_kind"
+# label.h5 of a partly labelled volume (volumes.<name>.labels_offset and/or .valid: a proofread
+# crop): a second dataset VALID_MASK (uint8, the shape of DATASET, 1 where the labels are known,
+# 0 where nobody labelled; unlabelled voxels are not background), and on DATASET the attribute
+# VALID_BOX, [z0, y0, x0, z1, y1, x1] (end-exclusive), the bounding box of the 1s. A label.h5
+# without VALID_MASK is labelled everywhere.
+VALID_MASK = "valid"
+VALID_BOX = "valid_box"
 # image.h5: how the source's grey values became uint8, as a JSON object
 # {"rule": "identity" | "percentile" | "shift", "source_dtype": "uint16", "low": 312.0, "high": 3850.0,
 #  "percentiles": [0.1, 99.9], "sample_slices": 16}: one mapping for the whole volume.

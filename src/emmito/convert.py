@@ -16,6 +16,16 @@ masks that meet only at an edge or a corner across slices are more often two
 mitochondria than one. Components are found slab by slab with cc3d and joined
 across slab faces, which equals cc3d on the whole volume (same ids even: both
 number components in raster order of their first voxel).
+
+Partly labelled volumes (a proofread crop: ``labels_offset`` and/or ``valid``):
+the labels may be a crop of the images, placed at ``labels_offset`` (z, y, x);
+label.h5 keeps the images' full shape, 0 outside the crop, and holds a second
+dataset ``contract.VALID_MASK`` (uint8, 1 where the labels are known: inside
+the crop where the ``valid`` source is non-zero, or the whole crop without
+one) with the bounding box of its 1s as the attribute ``contract.VALID_BOX``
+on the main dataset. Labels inside the crop but outside the mask are kept as
+given (context for boundary targets). A label.h5 without the mask is
+labelled everywhere, and is written exactly as before.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from tqdm import tqdm
 
 from emmito import contract, sources
 from emmito.config import section_defaults
-from emmito.io import EmmitoError, create_volume
+from emmito.io import EmmitoError, compression, create_volume
 from emmito.sources import IntensityMapping, Source, choose_mapping, open_source
 
 LABEL_CONNECTIVITY = 6
@@ -150,8 +160,13 @@ def _open(spec: Spec, kind: str) -> Source:
     return spec if isinstance(spec, Source) else open_source(spec, kind)
 
 
-def _stream(dataset: h5py.Dataset, source: Source, what: str, transform: Any = None) -> None:
-    """Copy ``source`` into ``dataset`` slab by slab (whole output chunks, so each is compressed once)."""
+def _stream(
+    dataset: h5py.Dataset, source: Source, what: str, transform: Any = None, offset: Sequence[int] | None = None
+) -> None:
+    """Copy ``source`` into ``dataset`` slab by slab (whole output chunks, so each is compressed once).
+
+    ``offset`` (z, y, x): where the source's first voxel lands in ``dataset`` (a crop); None: the whole dataset.
+    """
     chunk_depth = dataset.chunks[0] if dataset.chunks else 1
     depth, height, width = source.shape
     step = sources.slab_slices(source.chunk_slices, height, width, np.dtype(source.dtype).itemsize, chunk_depth)
@@ -159,13 +174,76 @@ def _stream(dataset: h5py.Dataset, source: Source, what: str, transform: Any = N
         for z0 in range(0, depth, step):
             z1 = min(depth, z0 + step)
             slab = source.read(z0, z1)
-            dataset[z0:z1] = transform(slab) if transform is not None else slab
+            values = transform(slab) if transform is not None else slab
+            if offset is None:
+                dataset[z0:z1] = values
+            else:
+                oz, oy, ox = offset
+                dataset[oz + z0 : oz + z1, oy : oy + height, ox : ox + width] = values
             bar.update(z1 - z0)
 
 
-def _check_together(images: Source, labels: Source | None) -> None:
-    """Labels match the images slice for slice and pixel for pixel."""
+def _stream_valid(
+    dataset: h5py.Dataset, valid: Source | None, crop: tuple[int, int, int], offset: Sequence[int]
+) -> tuple[list[int], int]:
+    """Write the valid mask (1 inside the crop where ``valid`` is non-zero, or the whole crop) slab by slab.
+
+    Returns the bounding box of the 1s in ``dataset``'s coordinates, [z0, y0, x0, z1, y1, x1]
+    (end-exclusive; all 0 when there are none), and their count.
+    """
+    chunk_depth = dataset.chunks[0] if dataset.chunks else 1
+    depth, height, width = crop
+    itemsize = np.dtype(valid.dtype).itemsize if valid is not None else 1
+    step = sources.slab_slices(valid.chunk_slices if valid is not None else 1, height, width, itemsize, chunk_depth)
+    oz, oy, ox = offset
+    low, high = [depth, height, width], [0, 0, 0]
+    count = 0
+    with tqdm(total=depth, desc="convert: valid mask", unit="slice", file=sys.stderr) as bar:
+        for z0 in range(0, depth, step):
+            z1 = min(depth, z0 + step)
+            if valid is None:
+                mask = np.ones((z1 - z0, height, width), np.uint8)
+            else:
+                mask = (valid.read(z0, z1) != 0).astype(np.uint8)
+            dataset[oz + z0 : oz + z1, oy : oy + height, ox : ox + width] = mask
+            ones = int(np.count_nonzero(mask))
+            if ones:
+                count += ones
+                for axis, start in ((0, z0), (1, 0), (2, 0)):
+                    present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+                    low[axis] = min(low[axis], start + int(present[0]))
+                    high[axis] = max(high[axis], start + int(present[-1]) + 1)
+            bar.update(z1 - z0)
+    if not count:
+        return [0] * 6, 0
+    return [o + v for o, v in zip(offset, low)] + [o + v for o, v in zip(offset, high)], count
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _check_together(
+    images: Source, labels: Source | None, offset: Sequence[int] | None = None, valid: Source | None = None
+) -> None:
+    """Labels match the images slice for slice and pixel for pixel; or, at ``offset``, fit inside them.
+
+    ``valid`` (the valid mask's source) has the labels' shape.
+    """
     if labels is None:
+        return
+    if valid is not None and tuple(valid.shape) != tuple(labels.shape):
+        raise EmmitoError(
+            f"the valid mask ({valid.name}) is {_dims(valid.shape)} but the labels ({labels.name}) are "
+            f"{_dims(labels.shape)} (z x y x x): give the valid mask the labels' shape (one value per label voxel, non-zero = labelled)"
+        )
+    if offset is not None:
+        if any(o + s > i for o, s, i in zip(offset, labels.shape, images.shape)):
+            raise EmmitoError(
+                f"labels ({labels.name}) are {_dims(labels.shape)} at offset {list(offset)} but the images "
+                f"({images.name}) are {_dims(images.shape)} (z x y x x): the crop must fit inside the images; "
+                "fix volumes.<name>.labels_offset (--labels-offset) or crop the labels"
+            )
         return
     depth, height, width = images.shape
     if labels.shape[0] != depth:
@@ -189,6 +267,8 @@ def convert_stack(
     label_format: str = "binary",
     label_out: Path | None = None,
     settings: dict[str, Any] | None = None,
+    labels_offset: Sequence[int] | None = None,
+    valid_paths: Spec | None = None,
 ) -> dict[str, Any]:
     """Write ``image_out`` (uint8) and/or ``label_out`` (uint32 ids) from image and label specs.
 
@@ -197,7 +277,14 @@ def convert_stack(
     a list of slice files in z order, or an open Source. ``settings``: the config's
     ``convert`` section (defaults where None). Checks sizes and counts from
     headers and metadata first; both files appear only if both are written in
-    full. Returns a summary (depth, height, width, objects, intensity_mapping).
+    full. Returns a summary (depth, height, width, objects, intensity_mapping;
+    valid_box and valid_voxels where partly labelled).
+
+    ``labels_offset`` (z, y, x): the labels are a crop of the images with its first
+    voxel there (label.h5 keeps the images' shape, 0 outside the crop);
+    ``valid_paths``: a spec of the labels' shape, non-zero where they are known.
+    Either makes the volume partly labelled: label.h5 then holds the valid mask
+    (see the module docstring).
     """
     if label_format not in LABEL_FORMATS:
         raise EmmitoError(f"label format {label_format!r} is unknown: use one of {', '.join(LABEL_FORMATS)}")
@@ -205,6 +292,18 @@ def convert_stack(
         raise EmmitoError("convert: --labels and --label-out go together: give both or neither")
     if image_out is None and label_out is None:
         raise EmmitoError("convert: nothing to write: give --image-out and/or --labels with --label-out")
+    partial = labels_offset is not None or valid_paths is not None
+    if partial and label_paths is None:
+        raise EmmitoError(
+            "convert: --labels-offset and --valid describe the labels: give them with --labels and --label-out"
+        )
+    if labels_offset is not None:
+        offset = [int(v) for v in labels_offset]
+        if len(offset) != 3 or any(v < 0 for v in offset) or any(v != float(o) for v, o in zip(offset, labels_offset)):
+            raise EmmitoError(
+                f"labels offset {list(labels_offset)}: give 3 whole numbers >= 0, (z, y, x) of the labels' first voxel in the images"
+            )
+        labels_offset = offset
     settings = settings if settings is not None else section_defaults("convert")
     with contextlib.ExitStack() as opened:
         images = opened.enter_context(_open(image_paths, "image"))
@@ -213,9 +312,17 @@ def convert_stack(
         if label_paths is not None:
             labels = opened.enter_context(_open(label_paths, label_format))
             labels.check(progress=True)
-        _check_together(images, labels)
+        valid = None
+        if valid_paths is not None:
+            # any integer values, non-zero = labelled (the instance reading: 0/1, 0/255 or ids alike)
+            valid = opened.enter_context(_open(valid_paths, "instance"))
+            valid.check(progress=True)
+        _check_together(images, labels, labels_offset, valid)
         mapping = choose_mapping(images, settings) if image_out is not None else None
-        return _write(images, labels, label_format, mapping, [float(v) for v in voxel_size], image_out, label_out)
+        crop = (labels_offset or [0, 0, 0]) if partial else None
+        return _write(
+            images, labels, label_format, mapping, [float(v) for v in voxel_size], image_out, label_out, crop, valid
+        )
 
 
 def _write(
@@ -226,7 +333,10 @@ def _write(
     voxel_size: list[float],
     image_out: Path | None,
     label_out: Path | None,
+    crop: list[int] | None = None,
+    valid: Source | None = None,
 ) -> dict[str, Any]:
+    """Stream both outputs; ``crop``: the labels' offset in the images where partly labelled (None: labelled everywhere)."""
     depth, height, width = images.shape
     summary: dict[str, Any] = {"depth": depth, "height": height, "width": width}
     image_attrs = {contract.INTENSITY_MAPPING: mapping.to_json()} if mapping is not None else None
@@ -237,13 +347,41 @@ def _write(
             _stream(image_ds, images, "image", mapping.apply)
         with _maybe_volume(label_out, images.shape, np.uint32, voxel_size) as label_ds:
             if label_ds is not None and labels is not None:
-                _stream(label_ds, labels, "label")
+                if crop is not None:
+                    summary.update(_write_valid(label_ds, labels, valid, crop))
+                _stream(label_ds, labels, "label", offset=crop)
                 if label_format == "binary":
                     chunk_depth = label_ds.chunks[0] if label_ds.chunks else 1
                     summary["objects"] = label_components(
                         label_ds, _slab_slices(height, width, chunk_depth), LABEL_CONNECTIVITY, progress=True
                     )
     return summary
+
+
+def _write_valid(label_ds: h5py.Dataset, labels: Source, valid: Source | None, crop: list[int]) -> dict[str, Any]:
+    """The VALID_MASK dataset beside ``label_ds`` (same shape, chunks, compression) and its VALID_BOX attribute."""
+    mask_ds = label_ds.file.create_dataset(
+        contract.VALID_MASK,
+        shape=label_ds.shape,
+        dtype=np.uint8,
+        chunks=label_ds.chunks,
+        track_times=False,
+        fillvalue=0,
+        **compression(),
+    )
+    box, count = _stream_valid(mask_ds, valid, labels.shape, crop)
+    if not count:
+        where = f"the valid mask ({valid.name}) is 0 everywhere" if valid is not None else "the labels' crop is empty"
+        raise EmmitoError(f"{where}: no voxel of the labels ({labels.name}) is marked labelled; mark the labelled voxels non-zero")
+    label_ds.attrs[contract.VALID_BOX] = np.asarray(box, dtype=np.int64)
+    return {"valid_box": box, "valid_voxels": count}
+
+
+def _valid_text(summary: dict[str, Any]) -> str:
+    if "valid_box" not in summary:
+        return ""
+    z0, y0, x0, z1, y1, x1 = summary["valid_box"]
+    return f", valid in {z0}:{z1}, {y0}:{y1}, {x0}:{x1} ({summary['valid_voxels']} voxels)"
 
 
 def _maybe_volume(
@@ -264,7 +402,7 @@ def _mapping_text(mapping: IntensityMapping | None) -> str:
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``emmito convert --images SPEC [--labels SPEC --label-format F] --voxel-size Z Y X --image-out ... [--label-out ...] [--params JSON]``."""
+    """``emmito convert --images SPEC [--labels SPEC --label-format F [--labels-offset Z Y X] [--valid SPEC]] --voxel-size Z Y X --image-out ... [--label-out ...] [--params JSON]``."""
     image_out = getattr(args, "image_out", None)
     label_out = getattr(args, "label_out", None)
     summary = convert_stack(
@@ -275,11 +413,13 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
         label_format=args.label_format,
         label_out=Path(label_out) if label_out else None,
         settings=params.get("convert"),
+        labels_offset=getattr(args, "labels_offset", None),
+        valid_paths=getattr(args, "valid", None) or None,
     )
     objects = f", {summary['objects']} objects" if "objects" in summary else ""
     print(
         f"convert: {summary['depth']} slices of {summary['width']}x{summary['height']}{objects}"
-        f"{_mapping_text(summary.get('intensity_mapping'))}"
+        f"{_mapping_text(summary.get('intensity_mapping'))}{_valid_text(summary)}"
         f" -> {', '.join(str(p) for p in (image_out, label_out) if p)}",
         file=sys.stderr,
     )

@@ -63,7 +63,7 @@ def build_support_set(
     """A class-balanced support set: (features float32 (N, E), classes int64 (N,)).
 
     ``embeddings``: float (E, z, y, x); ``labels``: int (z, y, x) class of each
-    voxel (e.g. 0 background, 1 mitochondrion). Draws ``n_voxels // classes``
+    voxel (e.g. 0 background, 1 mitochondrion; negative: unlabelled, never drawn). Draws ``n_voxels // classes``
     voxels of each class present (all of a class that has fewer), with
     ``seed``; same inputs, same set.
     """
@@ -72,6 +72,7 @@ def build_support_set(
     rng = np.random.default_rng(seed)
     flat_labels = labels.reshape(-1)
     present = np.unique(flat_labels)
+    present = present[present >= 0]
     per_class = max(1, n_voxels // max(1, len(present)))
     chosen = []
     for value in present.tolist():

@@ -31,6 +31,10 @@ def evaluate_files(
     """Metrics of seg.h5's dataset against label.h5's, reading ``slab_slices`` slices at a time."""
     accumulator = MetricsAccumulator()
     with open_volume(seg_path) as seg, open_volume(label_path) as gt:
+        if contract.VALID_MASK in gt.file:
+            raise EmmitoError(
+                f"{label_path} is labelled only in part (its '{contract.VALID_MASK}' mask): evaluate needs a fully labelled volume"
+            )
         if seg.shape != gt.shape:
             raise EmmitoError(
                 f"{seg_path} is {tuple(seg.shape)} but {label_path} is {tuple(gt.shape)}: compare the full-resolution "

@@ -51,6 +51,7 @@ def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) ->
             ("id map", id_map),
             ("metrics", metrics_path),
             ("objects table", Path(layout.objects(vol))),
+            ("to proofread", Path(layout.suggestions(vol))),
             ("OME-Zarr", Path(layout.ome_zarr(vol))),
             ("neuroglancer export", ng),
             ("report plots", Path(layout.report_dir(vol))),
@@ -60,6 +61,8 @@ def summarize(config: dict[str, Any], results: Path = Path(contract.RESULTS)) ->
             lines.append(f"  {label:<20} {path}{state}")
         if ng.exists():
             lines.append(f"  {'look at it':<20} emmito view {ng}")
+            if Path(layout.suggestions(vol)).exists():
+                lines.append(f"  {'first suggestion':<20} emmito view {ng} --suggestion 1")
         lines += _object_lines(Path(layout.objects(vol)))
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())

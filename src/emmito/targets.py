@@ -77,11 +77,11 @@ def contour_target(label: np.ndarray, width: int) -> np.ndarray:
     """uint8 (z, y, x): instance edges per slice, dilated in-plane by a disk of radius ``width`` voxels (0 = edges only)."""
     edges = instance_edges_2d(label)
     if width > 0:
-        edges = ndimage.binary_dilation(edges, _disk(width)[None])
+        edges = ndimage.binary_dilation(edges, disk(width)[None])
     return edges.astype(np.uint8)
 
 
-def _disk(radius: int) -> np.ndarray:
+def disk(radius: int) -> np.ndarray:
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return yy**2 + xx**2 <= radius**2
 

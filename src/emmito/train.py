@@ -85,6 +85,7 @@ from typing import Any
 import fastremap
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from emmito import __version__, contract
@@ -93,7 +94,7 @@ from emmito.config import PARAMS_EXPLICIT, section_defaults, stage_params
 from emmito.decoders import segment_block
 from emmito.distributed import Rank, broadcast_float, check_split, die_with_parent, gather_batch, launch, resolve_devices
 from emmito.embedding import build_support_set, heat_to_embeddings
-from emmito.io import EmmitoError, atomic_path, read_volume
+from emmito.io import EmmitoError, atomic_path, open_volume, read_volume
 from emmito.losses import TrainingLoss, TrainingLossParts
 from emmito.metrics import instance_f1, voxel_iou
 from emmito.model import (
@@ -108,9 +109,9 @@ from emmito.model import (
     trained_model_config,
 )
 from emmito.prediction import DEFAULT_INPUT_NORM, predict_volume, to_heat
-from emmito.resampling import POOLING_TOLERANCE, pool_pair, pooling_mismatch
+from emmito.resampling import POOLING_TOLERANCE, mode_pool_xy, pool_pair, pooling_mismatch
 from emmito.runtime import autocast, claim_devices, keep_freed_memory, thread_count
-from emmito.targets import make_target
+from emmito.targets import disk, make_target
 from emmito.tiling import PATCH_GRID
 
 GRADIENT_CLIP_NORM = 1.0
@@ -124,18 +125,26 @@ VALIDATION_BLEND_SIGMA = 0.125  # the schema's infer.blend_sigma default (a test
 class PatchSampler:
     """Random training patches (image, float32 target (channel, z, y, x)), each (z, y, x) = ``patch``.
 
-    ``volumes``: (image 0-255 uint8 or float32, label uint32) pairs, already at
-    the inference scale. Training volumes are proofread crops, small enough to
+    ``volumes``: (image 0-255 uint8 or float32, label uint32) pairs, or
+    (image, label, valid) triples with ``valid`` bool/uint8 (z, y, x), 1 where
+    the labels are known (a proofread crop; None: everywhere), already at the
+    inference scale. Training volumes are proofread crops, small enough to
     hold in memory whole with their targets; a volume smaller than the patch
-    is reflect-padded up to it. With ``instances``, the target gains a last
-    channel holding the instance ids (consecutive, as float32: exact below
-    2^24), so that augmentation moves them with the target (nearest
-    interpolation) for the discriminative loss.
+    is reflect-padded up to it (its mask with 0s). With ``instances``, the
+    target gains a channel holding the instance ids (consecutive, as float32:
+    exact below 2^24), so that augmentation moves them with the target
+    (nearest interpolation) for the discriminative loss. Where any volume has a
+    mask (``masked``), every target gains a last channel, the mask (1s for a
+    volume without one), moved by augmentation like the rest, for
+    ``losses.TrainingLoss(masked=True)``; patches are then centred on a valid
+    voxel (a labelled one for the ``foreground_fraction``), and a volume is
+    drawn in proportion to its valid voxels. Instance ids are numbered among
+    the valid voxels only.
     """
 
     def __init__(
         self,
-        volumes: list[tuple[np.ndarray, np.ndarray]],
+        volumes: list[tuple[np.ndarray, ...]],
         patch: list[int],
         foreground_fraction: float,
         target: str = "binary",
@@ -146,20 +155,41 @@ class PatchSampler:
         self.foreground_fraction = foreground_fraction
         self.volumes: list[tuple[np.ndarray, np.ndarray]] = []
         self.foreground: list[np.ndarray] = []
-        for image, label in volumes:
+        masks = [entry[2] if len(entry) > 2 else None for entry in volumes]
+        self.masked = any(mask is not None for mask in masks)
+        # Per volume: the flat indices of its valid voxels (None: all valid), where patches are centred.
+        self.valid: list[np.ndarray | None] = []
+        sizes = []
+        for (image, label, *_), mask in zip(volumes, masks):
             pad = [(0, max(0, p - s)) for p, s in zip(self.patch, image.shape)]
             if any(after for _, after in pad):
                 image, label = np.pad(image, pad, mode="reflect"), np.pad(label, pad, mode="reflect")
+                mask = np.pad(mask, pad) if mask is not None else None
+            known = mask.astype(bool) if mask is not None else None
+            if known is not None:
+                # The target reads the labelled voxels alone (the others as background), so that no
+                # label outside the mask can reach the loss; where that would draw a contour along the
+                # mask's edge (an object the edge cuts), the loss ignores a band of contour_width + 1.
+                label = np.where(known, label, 0).astype(label.dtype, copy=False)
+                if target == "binary_contour":
+                    known = ndimage.binary_erosion(known, disk(contour_width + 1)[None], border_value=1)
             target_array = make_target(label, target, contour_width)
             if instances:
                 ids = fastremap.renumber(label, in_place=False)[0]
                 if ids.max() >= 2**24:
                     raise EmmitoError(f"a training volume has {int(ids.max())} objects; the embedding head takes at most 2^24 - 1")
                 target_array = np.concatenate([target_array, ids[None].astype(np.float32)])
+            if self.masked:
+                ones = np.ones((1, *label.shape), np.float32)
+                target_array = np.concatenate([target_array, known[None].astype(np.float32) if known is not None else ones])
             self.volumes.append((image, target_array))
             # Flat indices of labelled voxels, for foreground-centred patches (a few bytes per voxel of a small crop).
-            self.foreground.append(np.flatnonzero(label))
-        sizes = np.array([image.size for image, _ in self.volumes], dtype=np.float64)
+            self.foreground.append(np.flatnonzero(label if known is None else (label != 0) & known))
+            self.valid.append(np.flatnonzero(known) if known is not None else None)
+            sizes.append(image.size if known is None else self.valid[-1].size)
+        sizes = np.array(sizes, dtype=np.float64)
+        if not sizes.sum():
+            raise EmmitoError("no training volume has a labelled voxel (every valid mask is empty): label a region first")
         self.volume_probability = sizes / sizes.sum()
         # Hard negatives (``mine_hard_negatives``): flat indices, per volume, of background voxels the model
         # called foreground at the last mining; a ``hard_fraction`` of the patches is centred on one of them.
@@ -186,8 +216,12 @@ class PatchSampler:
         image, target = self.volumes[index]
         shape = np.array(image.shape)
         foreground = self.foreground[index]
+        valid = self.valid[index]
         if rng.random() < self.foreground_fraction and foreground.size:
             centre = np.array(np.unravel_index(foreground[rng.integers(foreground.size)], image.shape))
+            start = np.clip(centre - patch // 2, 0, shape - patch)
+        elif valid is not None:
+            centre = np.array(np.unravel_index(valid[rng.integers(valid.size)], image.shape))
             start = np.clip(centre - patch // 2, 0, shape - patch)
         else:
             start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, patch)])
@@ -237,11 +271,11 @@ def mine_hard_negatives(
     model.eval()
     hard = []
     with torch.no_grad():
-        for (image, _), foreground in zip(sampler.volumes, sampler.foreground):
+        for (image, _), foreground, valid in zip(sampler.volumes, sampler.foreground, sampler.valid):
             probability = predict_volume(model, image, settings, device, input_norm, tta=1)[0]
             wrong = probability.reshape(-1) >= threshold
             wrong[foreground] = False
-            hard.append(np.flatnonzero(wrong))
+            hard.append(np.flatnonzero(wrong) if valid is None else np.intersect1d(np.flatnonzero(wrong), valid, assume_unique=True))
     model.train()
     return hard
 
@@ -484,7 +518,7 @@ class _Run:
     """
 
     def __init__(
-        self, train_volumes: list[tuple[np.ndarray, np.ndarray]], params: dict[str, Any], setup: Setup, device: torch.device,
+        self, train_volumes: list[tuple[np.ndarray, ...]], params: dict[str, Any], setup: Setup, device: torch.device,
         rank: Rank | None = None,
     ):
         model_cfg, train_cfg = setup.model_cfg, params["train"]
@@ -499,7 +533,7 @@ class _Run:
             instances=embedding_channels > 0,
         )
         self.sampler.hard_fraction = train_cfg["hard_negatives"]["fraction"]
-        self.loss = TrainingLoss(model_cfg["target"], train_cfg, embedding_channels)
+        self.loss = TrainingLoss(model_cfg["target"], train_cfg, embedding_channels, masked=self.sampler.masked)
         self.model = build_model(model_cfg)
         if setup.init_state is not None:
             load_weights(self.model, setup.init_state, f"train.init_from {train_cfg['init_from']}")
@@ -830,7 +864,7 @@ def _checkpoint(run: _Run, params: dict[str, Any], setup: Setup, input_norm: dic
 
 
 def train_model(
-    train_volumes: list[tuple[np.ndarray, np.ndarray]],
+    train_volumes: list[tuple[np.ndarray, ...]],
     val_volumes: list[tuple[np.ndarray, np.ndarray]],
     params: dict[str, Any],
     *,
@@ -844,6 +878,11 @@ def train_model(
     rank: Rank | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train on (image uint8, label uint32) pairs of full-resolution (z, y, x) arrays.
+
+    A training entry may be a triple (image, label, valid): ``valid`` (z, y, x)
+    non-zero where the labels are known, None for everywhere; the loss is then
+    masked (``PatchSampler``, ``losses.TrainingLoss``): unlabelled voxels are not
+    background. Validation volumes are labelled everywhere.
 
     ``params`` holds the config sections ``seed``, ``model`` and ``train``:
     complete sections, defaults filled (a ``config.Validated`` where
@@ -870,7 +909,7 @@ def train_model(
         device = rank.device
     device = torch.device(device) if device is not None else torch.device(claim_devices(1)[0].torch_device)
     input_norm = dict(DEFAULT_INPUT_NORM)
-    train_volumes = [pool_pair(image, label, setup.factor) for image, label in train_volumes]
+    train_volumes = [_pool_entry(entry, setup.factor) for entry in train_volumes]
     val_volumes = [pool_pair(image, label, setup.factor) for image, label in val_volumes]
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     fill_before = torch.utils.deterministic.fill_uninitialized_memory
@@ -902,6 +941,17 @@ def train_model(
     return _checkpoint(run, params, setup, input_norm, last_iteration), run.metrics
 
 
+def _pool_entry(entry: tuple[np.ndarray, ...], factor: int) -> tuple[np.ndarray, ...]:
+    """A training entry at the inference scale: ``pool_pair``'s image and label, the mask (if any) mode-pooled."""
+    image, label = pool_pair(entry[0], entry[1], factor)
+    if len(entry) < 3:
+        return image, label
+    mask = entry[2]
+    if mask is not None and factor > 1:
+        mask = mode_pool_xy(np.asarray(mask, np.uint8), factor)
+    return image, label, mask
+
+
 # ---- after training: the support set of an embedding model -------------------------------------
 
 
@@ -912,6 +962,9 @@ def training_embeddings(
     device: torch.device | str = "cpu",
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(embeddings float32 (E, z, y, x), classes int64 (z, y, x): 1 mitochondrion, 0 background) per training volume.
+
+    ``volumes``: training entries (``train_model``'s): where one has a valid mask,
+    its unlabelled voxels get class -1 (``build_support_set`` draws none of them).
 
     Each full-resolution (image, label) volume is pooled as the checkpoint was
     trained and predicted with training's own window settings (``window_settings``:
@@ -929,10 +982,13 @@ def training_embeddings(
     model.to(device).eval()
     settings = window_settings(model_cfg, params["train"])
     embedded = []
-    for image, label in volumes:
-        image, label = pool_pair(image, label, model_cfg[contract.DOWNSAMPLE_XY])
+    for entry in volumes:
+        image, label, *mask = _pool_entry(entry, model_cfg[contract.DOWNSAMPLE_XY])
         probability = predict_volume(model, image, settings, device, checkpoint.get(contract.CHECKPOINT_INPUT_NORM), tta=VALIDATION_TTA)
-        embedded.append((heat_to_embeddings(to_heat(probability[-dim:])), (label > 0).astype(np.int64)))
+        classes = (label > 0).astype(np.int64)
+        if mask and mask[0] is not None:
+            classes[~np.asarray(mask[0], bool)] = -1
+        embedded.append((heat_to_embeddings(to_heat(probability[-dim:])), classes))
     return embedded
 
 
@@ -969,11 +1025,40 @@ def write_metrics(path: Any, metrics: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in metrics))
 
 
-def _load_pair(image_path: Any, label_path: Any) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """(image, label, the image's voxel size (z, y, x nm)) of one training pair, checked."""
-    # Training volumes are proofread crops (hundreds of MB at most), so they are loaded whole.
-    image, attrs = read_volume(image_path)
-    label, _ = read_volume(label_path)
+def _load_pair(
+    image_path: Any, label_path: Any, context: tuple[int, int, int] = (0, 0, 0), align: int = 1
+) -> tuple[np.ndarray, np.ndarray, list[float], np.ndarray | None]:
+    """(image, label, the image's voxel size (z, y, x nm), the valid mask or None) of one training pair, checked.
+
+    Training volumes are proofread crops (hundreds of MB at most), so they are loaded whole. A
+    partly labelled label.h5 (``contract.VALID_MASK``: a proofread box of a large volume) is
+    read only in its ``contract.VALID_BOX`` grown by ``context`` voxels (z, y, x) on each side,
+    for the network's view of the tissue around the box (its voxels are unlabelled), the y/x
+    start rounded down to a multiple of ``align`` (the pooling factor, so the pooled grid is
+    inference's): memory follows the box, not the volume.
+    """
+    with open_volume(label_path) as label_ds:
+        has_mask = contract.VALID_MASK in label_ds.file
+        if has_mask:
+            box = [int(v) for v in label_ds.attrs[contract.VALID_BOX]]
+            shape = label_ds.shape
+            low = [max(0, b - c) for b, c in zip(box[:3], context)]
+            low[1], low[2] = low[1] // align * align, low[2] // align * align
+            window = tuple(slice(lo, min(n, b + c)) for lo, b, c, n in zip(low, box[3:], context, shape))
+            label = label_ds[window]
+            mask = label_ds.file[contract.VALID_MASK][window]
+    if not has_mask:
+        image, attrs = read_volume(image_path)
+        label, _ = read_volume(label_path)
+        mask = None
+    else:
+        with open_volume(image_path) as image_ds:
+            if image_ds.shape != shape:
+                raise EmmitoError(
+                    f"{label_path} is {'x'.join(map(str, shape))} but {image_path} is {'x'.join(map(str, image_ds.shape))}: "
+                    "labels must cover the image slice for slice; reconvert the pair"
+                )
+            image, attrs = image_ds[window], dict(image_ds.attrs)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise EmmitoError(f"{image_path}: expected uint8 (z, y, x), found {image.dtype} {image.shape}: rerun 'emmito convert'")
     if image.shape != label.shape:
@@ -981,7 +1066,7 @@ def _load_pair(image_path: Any, label_path: Any) -> tuple[np.ndarray, np.ndarray
             f"{label_path} is {'x'.join(map(str, label.shape))} but {image_path} is {'x'.join(map(str, image.shape))}: "
             "labels must cover the image slice for slice; reconvert the pair"
         )
-    return image, label, contract.voxel_size(attrs)
+    return image, label, contract.voxel_size(attrs), mask
 
 
 def common_voxel_size(voxel_sizes: list[list[float]], images: list[Any]) -> list[float]:
@@ -1021,11 +1106,24 @@ class _TrainFiles:
         # tensors, which page-fault in afresh each step unless freed memory stays in the heap.
         keep_freed_memory()
         params, checkpoint_path = self.params, self.checkpoint_path
-        loaded = [_load_pair(image, label) for image, label in [*self.train_pairs, *self.val_pairs]]
+        # A proofread box is read with a patch of tissue around it on each side (at full resolution).
+        model_cfg = training_setup(params).model_cfg
+        factor = int(model_cfg[contract.DOWNSAMPLE_XY])
+        context = (int(model_cfg["patch"][0]), *(int(p) * factor for p in model_cfg["patch"][1:]))
+        loaded = [_load_pair(image, label, context, factor) for image, label in self.train_pairs]
+        for image, label in self.val_pairs:
+            loaded.append(_load_pair(image, label))
+            if loaded[-1][3] is not None:
+                raise EmmitoError(
+                    f"{label} is labelled only in part (its '{contract.VALID_MASK}' mask): validation needs a fully "
+                    "labelled volume; move it to train.volumes"
+                )
         images = [image for image, _ in [*self.train_pairs, *self.val_pairs]]
-        voxel_size = common_voxel_size([size for _, _, size in loaded], images)
-        train_volumes = [(image, label) for image, label, _ in loaded[: len(self.train_pairs)]]
-        val_volumes = [(image, label) for image, label, _ in loaded[len(self.train_pairs) :]]
+        voxel_size = common_voxel_size([size for _, _, size, _ in loaded], images)
+        train_volumes = [
+            (image, label) if mask is None else (image, label, mask) for image, label, _, mask in loaded[: len(self.train_pairs)]
+        ]
+        val_volumes = [(image, label) for image, label, _, _ in loaded[len(self.train_pairs) :]]
         # Beside the checkpoint and not a declared output, so a preempted job's rerun finds it.
         resume_path = checkpoint_path.with_name(checkpoint_path.name + ".resume")
         tensorboard_dir = checkpoint_path.parent / "tensorboard" if params["train"]["tensorboard"] else None

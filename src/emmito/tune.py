@@ -63,6 +63,10 @@ def predict_volume_heat(
     model_cfg = trained_model_config(checkpoint)
     names = [str(c) for c in checkpoint.get(contract.CHECKPOINT_CHANNELS, output_channels(model_cfg))]
     with open_volume(image_path) as image, open_volume(label_path) as label:
+        if contract.VALID_MASK in label.file:
+            raise EmmitoError(
+                f"{label_path} is labelled only in part (its '{contract.VALID_MASK}' mask): tune needs a fully labelled volume"
+            )
         if image.ndim != 3 or image.dtype != np.uint8:
             raise EmmitoError(f"{image_path}: expected uint8 (z, y, x), found {image.dtype} {image.shape}: rerun 'emmito convert'")
         if tuple(label.shape) != tuple(image.shape):
