@@ -258,3 +258,40 @@ def test_a_partly_labelled_pair_is_read_in_its_box_and_a_margin_of_tissue(tmp_pa
         ds[...] = label
     whole = _load_pair(image_path, plain)
     assert whole[0].shape == image.shape and whole[3] is None
+
+
+def test_train_files_fine_tunes_on_a_partly_labelled_pair(tmp_path, monkeypatch):
+    """The train job's path: a proofread crop's label.h5 (valid mask) is read in its box, the loss masked."""
+    from emmito.config import validate_sections
+    from emmito.train import train_files
+
+    image, label, image_path, label_path = write_partial(tmp_path, shape=(20, 80, 80), box=(6, 30, 30, 10, 50, 50))
+    seen = {}
+    real = train_model
+
+    def spy(volumes, *args, **kwargs):
+        seen["volumes"] = volumes
+        return real(volumes, *args, **kwargs)
+
+    monkeypatch.setattr("emmito.train.train_model", spy)
+    base = validate_sections({"seed": 0, "model": dict(TINY), "train": {"iterations": 2, "batch_size": 2, "threads": 1, "workers": 0}})
+    train_files([(image_path, plain_label(tmp_path, label))], [], tmp_path / "base.pt", tmp_path / "base.jsonl", None, base)
+    params = validate_sections({"seed": 0, "model": {}, "train": {"iterations": 2, "batch_size": 2, "threads": 1, "workers": 0,
+                                                                  "init_from": str(tmp_path / "base.pt")}})
+    train_files([(image_path, label_path)], [], tmp_path / "tuned.pt", tmp_path / "tuned.jsonl", None, params)
+    crop_image, crop_label, mask = seen["volumes"][0]
+    # The box 6-10 x 30-50 x 30-50 and a patch (4, 16, 16) of context on each side: not the whole 20 x 80 x 80.
+    assert crop_image.shape == crop_label.shape == mask.shape == (12, 52, 52)
+    assert np.array_equal(crop_image, image[2:14, 14:66, 14:66]) and np.array_equal(crop_label, label[2:14, 14:66, 14:66])
+    assert int(mask.sum()) == 4 * 20 * 20 and tmp_path.joinpath("tuned.pt").exists()
+    with pytest.raises(EmmitoError, match="labelled only in part"):
+        train_files([(image_path, plain_label(tmp_path, label))], [(image_path, label_path)], tmp_path / "x.pt",
+                    tmp_path / "x.jsonl", None, base)
+
+
+def plain_label(tmp_path, label):
+    path = tmp_path / "plain_label.h5"
+    if not path.exists():
+        with create_volume(path, label.shape, np.uint32, voxel_size=[40, 8, 8]) as ds:
+            ds[...] = label
+    return path
