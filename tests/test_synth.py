@@ -192,3 +192,26 @@ def test_contrast_and_object_scale_make_another_domain():
     assert np.median(large_sizes) > 1.8 * np.median(sizes), (np.median(sizes), np.median(large_sizes))
     with pytest.raises(EmmitoError, match="must be > 0"):
         synthesize(4, 32, seed=0, contrast=0)
+
+
+def test_decoys_are_unlabelled_look_alikes_in_their_region_and_change_nothing_else():
+    from scipy import ndimage
+
+    from emmito.synth import _place_decoys
+
+    region = (slice(None), slice(64, 192), slice(0, 128))
+    plain_image, plain_labels = synthesize(12, 256, seed=5)
+    image, labels = synthesize(12, 256, seed=5, decoys=10, decoy_region=region)
+    assert np.array_equal(labels, plain_labels)  # decoys are not mitochondria: never labelled
+    decoys = _place_decoys(5, labels, 10, region, 1.0)
+    assert decoys.max() >= 8 and not (decoys > 0)[labels > 0].any()
+    changed = image != plain_image
+    near = ndimage.binary_dilation(decoys > 0, np.ones((1, 7, 7), bool))  # the microscope blur reaches ~3 px
+    assert changed.any() and not changed[~near].any()
+    # Their centres are in the region (they may reach a little past it).
+    centres = ndimage.center_of_mass(decoys > 0, decoys, range(1, int(decoys.max()) + 1))
+    assert all(60 <= y < 196 and x < 132 for _, y, x in centres if np.isfinite(y))
+    # Paler than a mitochondrion inside, no cristae: a different look.
+    assert image[decoys > 0].mean() > image[labels > 0].mean()
+    with pytest.raises(EmmitoError, match="decoys -1 must be >= 0"):
+        synthesize(4, 32, seed=0, decoys=-1)

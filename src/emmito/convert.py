@@ -24,8 +24,8 @@ dataset ``contract.VALID_MASK`` (uint8, 1 where the labels are known: inside
 the crop where the ``valid`` source is non-zero, or the whole crop without
 one) with the bounding box of its 1s as the attribute ``contract.VALID_BOX``
 on the main dataset. Labels inside the crop but outside the mask are kept as
-given (context for boundary targets). A label.h5 without the mask is
-labelled everywhere, and is written exactly as before.
+given (training reads none of them: ``train.PatchSampler``). A label.h5
+without the mask is labelled everywhere, and is written exactly as before.
 """
 
 from __future__ import annotations

@@ -21,6 +21,15 @@ test trains on one and fine-tunes on the other): ``object_scale`` scales the
 mitochondria's in-plane size, ``contrast`` the image's deviation from the
 background grey before noise. Both default to 1, which leaves every byte as
 it was.
+
+``decoys`` adds look-alikes that are not mitochondria and are not labelled:
+pale tubular processes with a dark rim but no cristae (shaped like
+mitochondria, longer and thinner), with their centres in ``decoy_region``
+(default: anywhere), clear of the mitochondria. They are drawn from a random
+stream of their own, so a volume with decoys has the same labels and, outside
+the decoys, the same pixels as without; 0 (the default) leaves every byte as
+it was. benchmarks/active_learning.py uses them as the part of a volume that a
+model trained without them has not seen.
 """
 
 from __future__ import annotations
@@ -55,6 +64,11 @@ MEMBRANE_GREY = 80.0
 VESICLE_GREY = 88.0
 NOISE_SIGMA = 11.0
 DARK_PATCH_LEVEL = 1.9  # texture z-score above which cytoplasm turns dark (~3 % of it)
+# Decoys (look-alike processes): paler than a mitochondrion's matrix, a lighter rim, no cristae.
+DECOY_MATRIX_GREY = 135.0
+DECOY_RIM_GREY = 90.0
+DECOY_LENGTH, DECOY_WIDTH = 1.5, 0.7  # times a mitochondrion's drawn length and radius
+DECOY_STREAM = 0x0DEC0  # their random stream: default_rng([seed, DECOY_STREAM])
 
 
 @dataclass(frozen=True)
@@ -152,13 +166,18 @@ def _touching_partner(rng: np.random.Generator, body: Mitochondrion) -> Mitochon
     )
 
 
+def _body_scales(shape: tuple[int, int, int], object_scale: float) -> tuple[float, float]:
+    """(in-plane, z) size factors of the bodies in a volume of ``shape``: small volumes get smaller ones."""
+    depth, height, width = shape
+    return float(np.clip(min(height, width) / 192.0, 0.5, 1.0)) * object_scale, float(np.clip(depth / 72.0, 0.35, 1.0))
+
+
 def _place_mitochondria(
     rng: np.random.Generator, shape: tuple[int, int, int], density: float, object_scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance ids (uint32, consecutive from 1) and each voxel's along-axis coordinate (float32, px)."""
     depth, height, width = shape
-    xy_scale = float(np.clip(min(height, width) / 192.0, 0.5, 1.0)) * object_scale
-    z_scale = float(np.clip(depth / 72.0, 0.35, 1.0))
+    xy_scale, z_scale = _body_scales(shape, object_scale)
     labels = np.zeros(shape, dtype=np.uint32)
     nearest = np.full(shape, np.inf, dtype=np.float32)  # normalised distance to the owning body
     along = np.zeros(shape, dtype=np.float32)
@@ -222,6 +241,47 @@ def _place_mitochondria(
     return labels.astype(np.uint32, copy=False), along
 
 
+def _place_decoys(
+    seed: int, labels: np.ndarray, count: int, region: tuple[slice, slice, slice] | None, object_scale: float
+) -> np.ndarray:
+    """Ids (uint32, 0 = none) of ``count`` decoy bodies centred in ``region``, kept 3 px clear of the mitochondria.
+
+    Drawn from ``default_rng([seed, DECOY_STREAM])`` alone: the main stream, and so the labels and
+    every other pixel, are the same as without them. Where two decoys overlap, the voxel goes to
+    the one it is deeper inside.
+    """
+    rng = np.random.default_rng([seed, DECOY_STREAM])
+    shape = labels.shape
+    xy_scale, z_scale = _body_scales(shape, object_scale)
+    bounds = [axis.indices(n)[:2] for axis, n in zip(region or (slice(None),) * 3, shape)]
+    clear = ~ndimage.binary_dilation(labels > 0, structure=np.ones((1, 7, 7), bool))
+    ids = np.zeros(shape, dtype=np.uint32)
+    nearest = np.full(shape, np.inf, dtype=np.float32)
+    for number in range(1, count + 1):
+        body = _random_body(rng, shape, xy_scale, z_scale)
+        centre = tuple(float(rng.uniform(low, max(low, high - 1))) for low, high in bounds)
+        body = Mitochondrion(centre, body.angle, body.half_length * DECOY_LENGTH, body.radius * DECOY_WIDTH,
+                             body.half_depth, body.drift)
+        fields = _capsule_fields(body, shape)
+        if fields is None:
+            continue
+        box, distance, _ = fields
+        win = (distance < 1.0) & clear[box] & (distance < nearest[box])
+        nearest[box][win] = distance[win]
+        ids[box][win] = number
+    return ids
+
+
+def _paint_decoys(image: np.ndarray, decoys: np.ndarray, mottle: np.ndarray) -> None:
+    """Draw the decoy bodies (ids, 0 = none) into ``image`` in place: a ~2 px rim, a pale mottled inside."""
+    inner = np.empty(decoys.shape, dtype=np.float32)
+    for z in range(decoys.shape[0]):
+        inner[z] = edt.edt(decoys[z], black_border=False, parallel=1)
+    where = decoys > 0
+    rim = np.clip((3.0 - inner[where]) / 1.5, 0, 1)
+    image[where] = rim * DECOY_RIM_GREY + (1 - rim) * (DECOY_MATRIX_GREY + 6.0 * mottle[where])
+
+
 def _membranes(rng: np.random.Generator, shape: tuple[int, int, int], count: int) -> np.ndarray:
     """Darkness 0..1 of thin, wavy cell-membrane sheets (lines in each slice)."""
     depth, height, width = shape
@@ -264,8 +324,11 @@ def _vesicles(rng: np.random.Generator, shape: tuple[int, int, int], count: int)
     return darkness
 
 
-def _render(rng: np.random.Generator, labels: np.ndarray, along: np.ndarray, contrast: float = 1.0) -> np.ndarray:
-    """The EM image (uint8) for the given instances; ``contrast`` scales its deviation from the background grey."""
+def _render(
+    rng: np.random.Generator, labels: np.ndarray, along: np.ndarray, contrast: float = 1.0, decoys: np.ndarray | None = None
+) -> np.ndarray:
+    """The EM image (uint8) for the given instances; ``contrast`` scales its deviation from the background grey;
+    ``decoys``: ids of look-alike bodies to draw (``_place_decoys``), or None."""
     shape = labels.shape
     depth, height, width = shape
     area_scale = height * width / 192.0**2
@@ -309,6 +372,8 @@ def _render(rng: np.random.Generator, labels: np.ndarray, along: np.ndarray, con
     matrix = MATRIX_GREY + matrix_shift[ids] + 4.0 * mottle[objects] - CRISTA_DARKENING * crista
     rim = np.clip((3.0 - depth_inside) / 1.5, 0, 1)  # the outer ~2 px: double membrane
     image[objects] = rim * RIM_GREY + (1 - rim) * matrix
+    if decoys is not None:
+        _paint_decoys(image, decoys, mottle)
 
     # Microscope blur, slice brightness jitter, then shot/detector noise.
     image = ndimage.gaussian_filter(image, sigma=(0, 0.8, 0.8))
@@ -320,7 +385,14 @@ def _render(rng: np.random.Generator, labels: np.ndarray, along: np.ndarray, con
 
 
 def synthesize(
-    slices: int, size: int, seed: int, density: float = 1.0, contrast: float = 1.0, object_scale: float = 1.0
+    slices: int,
+    size: int,
+    seed: int,
+    density: float = 1.0,
+    contrast: float = 1.0,
+    object_scale: float = 1.0,
+    decoys: int = 0,
+    decoy_region: tuple[slice, slice, slice] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic EM volume and its mitochondria.
 
@@ -329,8 +401,10 @@ def synthesize(
     scales the number of mitochondria (1.0: about 8 % foreground); ``contrast``
     scales every grey level's distance from the background's (1.0: the default
     look; 0.5: half as contrasted, before the same noise); ``object_scale`` scales
-    their in-plane widths and lengths (1.0: 12-24 px wide at 192 px slices). Same
-    arguments, same arrays.
+    their in-plane widths and lengths (1.0: 12-24 px wide at 192 px slices).
+    ``decoys``: that many unlabelled look-alike processes (see the module), centred
+    in ``decoy_region`` (z, y, x slices; None: the whole volume). Same arguments,
+    same arrays.
     """
     if slices < 1 or size < 16:
         raise EmmitoError(f"synth: --slices {slices} --size {size} is too small: use at least 1 slice of 16x16")
@@ -338,10 +412,12 @@ def synthesize(
         raise EmmitoError(f"synth: --density {density} must be > 0 (1.0 gives about 8 % mitochondria)")
     if not contrast > 0 or not object_scale > 0:
         raise EmmitoError(f"synth: contrast {contrast} and object scale {object_scale} must be > 0 (1.0 gives the default look)")
+    if decoys < 0:
+        raise EmmitoError(f"synth: decoys {decoys} must be >= 0 (0 draws none)")
     rng = np.random.default_rng(seed)
     shape = (slices, size, size)
     labels, along = _place_mitochondria(rng, shape, density, object_scale)
-    image = _render(rng, labels, along, contrast)
+    image = _render(rng, labels, along, contrast, _place_decoys(seed, labels, decoys, decoy_region, object_scale) if decoys else None)
     return image, labels
 
 
