@@ -65,8 +65,8 @@ VESICLE_GREY = 88.0
 NOISE_SIGMA = 11.0
 DARK_PATCH_LEVEL = 1.9  # texture z-score above which cytoplasm turns dark (~3 % of it)
 # Decoys (look-alike processes): paler than a mitochondrion's matrix, a lighter rim, no cristae.
-DECOY_MATRIX_GREY = 135.0
-DECOY_RIM_GREY = 90.0
+DECOY_MATRIX_GREY = 126.0
+DECOY_RIM_GREY = 72.0
 DECOY_LENGTH, DECOY_WIDTH = 1.5, 0.7  # times a mitochondrion's drawn length and radius
 DECOY_STREAM = 0x0DEC0  # their random stream: default_rng([seed, DECOY_STREAM])
 
