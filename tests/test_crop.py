@@ -63,7 +63,7 @@ def test_box_or_suggestion_mistakes_are_one_line(tmp_path, capsys):
     assert "holds no voxel" in capsys.readouterr().err
     write_suggestions(seg_path.parent / contract.SUGGESTIONS_FILE, suggestion_rows([0, 0, 0, 2, 2, 2]))
     assert main(["crop", str(seg_path), str(out), "--suggestion", "7"]) == 2
-    assert "no row of rank 7 (ranks 1-2)" in capsys.readouterr().err
+    assert "no suggestion 7: it has 2 rows" in capsys.readouterr().err
     assert not out.exists()
 
 

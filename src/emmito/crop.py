@@ -24,18 +24,9 @@ import numpy as np
 
 from emmito import contract
 from emmito.io import EmmitoError, open_volume, write_volume
-from emmito.suggest import read_suggestions
+from emmito.suggest import suggestion_row
 
 BOX_KEYS = ("z0", "y0", "x0", "z1", "y1", "x1")
-
-
-def suggestion_box(suggestions: Path, rank: int) -> list[int]:
-    """The box (z0, y0, x0, z1, y1, x1) of the row whose rank is ``rank`` in suggestions.csv."""
-    rows = read_suggestions(suggestions)
-    for row in rows:
-        if int(row["rank"]) == rank:
-            return [int(row[key]) for key in BOX_KEYS]
-    raise EmmitoError(f"{suggestions} has no row of rank {rank} (ranks 1-{len(rows)}): pick one of its rows")
 
 
 def crop_file(seg_path: Path, out: Path, box: list[int]) -> tuple[list[int], np.ndarray]:
@@ -63,7 +54,8 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> None:
         raise EmmitoError("crop: give either --box Z0 Y0 X0 Z1 Y1 X1 or --suggestion N")
     if args.suggestion is not None:
         suggestions = args.suggestions or Path(args.seg).parent / contract.SUGGESTIONS_FILE
-        box = suggestion_box(Path(suggestions), args.suggestion)
+        row = suggestion_row(suggestions, args.suggestion)
+        box = [int(row[key]) for key in BOX_KEYS]
     else:
         box = list(args.box)
     clipped, ids = crop_file(Path(args.seg), Path(args.out), box)

@@ -464,6 +464,15 @@ def write_suggestions(path: str | os.PathLike, rows: list[dict[str, Any]]) -> No
         tmp.write_text(text)
 
 
+def suggestion_row(path: str | os.PathLike, number: int) -> dict[str, Any]:
+    """The row of rank ``number`` of suggestions.csv (``read_suggestions``'); one-line EmmitoError when there is none."""
+    rows = read_suggestions(path)
+    for row in rows:
+        if row["rank"] == str(number):
+            return row
+    raise EmmitoError(f"{path}: no suggestion {number}: it has {len(rows)} rows, ranked 1 to {len(rows)}; pick one of those")
+
+
 def read_suggestions(path: str | os.PathLike) -> list[dict[str, Any]]:
     """suggestions.csv's rows as dicts of strings, with "view_state" parsed; one-line EmmitoError naming the file."""
     path = Path(path)

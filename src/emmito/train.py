@@ -1037,6 +1037,12 @@ def _load_pair(
     start rounded down to a multiple of ``align`` (the pooling factor, so the pooled grid is
     inference's): memory follows the box, not the volume.
     """
+    def mismatch(label_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> EmmitoError:
+        return EmmitoError(
+            f"{label_path} is {'x'.join(map(str, label_shape))} but {image_path} is {'x'.join(map(str, image_shape))}: "
+            "labels must cover the image slice for slice; reconvert the pair"
+        )
+
     with open_volume(label_path) as label_ds:
         has_mask = contract.VALID_MASK in label_ds.file
         if has_mask:
@@ -1054,18 +1060,12 @@ def _load_pair(
     else:
         with open_volume(image_path) as image_ds:
             if image_ds.shape != shape:
-                raise EmmitoError(
-                    f"{label_path} is {'x'.join(map(str, shape))} but {image_path} is {'x'.join(map(str, image_ds.shape))}: "
-                    "labels must cover the image slice for slice; reconvert the pair"
-                )
+                raise mismatch(shape, image_ds.shape)
             image, attrs = image_ds[window], dict(image_ds.attrs)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise EmmitoError(f"{image_path}: expected uint8 (z, y, x), found {image.dtype} {image.shape}: rerun 'emmito convert'")
     if image.shape != label.shape:
-        raise EmmitoError(
-            f"{label_path} is {'x'.join(map(str, label.shape))} but {image_path} is {'x'.join(map(str, image.shape))}: "
-            "labels must cover the image slice for slice; reconvert the pair"
-        )
+        raise mismatch(label.shape, image.shape)
     return image, label, contract.voxel_size(attrs), mask
 
 
@@ -1100,17 +1100,17 @@ class _TrainFiles:
     metrics_path: Path
     support_path: Path | None
     params: dict[str, Any]
+    # A proofread box (a partly labelled pair) is read with this much tissue around it on each
+    # side, full-resolution (z, y, x) voxels, its y/x start a multiple of ``align`` (``_load_pair``).
+    context: tuple[int, int, int] = (0, 0, 0)
+    align: int = 1
 
     def __call__(self, rank: Rank | None = None, device: str | None = None) -> None:
         # The job's process or a (spawned) rank's: every step frees and allocates the same large
         # tensors, which page-fault in afresh each step unless freed memory stays in the heap.
         keep_freed_memory()
         params, checkpoint_path = self.params, self.checkpoint_path
-        # A proofread box is read with a patch of tissue around it on each side (at full resolution).
-        model_cfg = training_setup(params).model_cfg
-        factor = int(model_cfg[contract.DOWNSAMPLE_XY])
-        context = (int(model_cfg["patch"][0]), *(int(p) * factor for p in model_cfg["patch"][1:]))
-        loaded = [_load_pair(image, label, context, factor) for image, label in self.train_pairs]
+        loaded = [_load_pair(image, label, self.context, self.align) for image, label in self.train_pairs]
         for image, label in self.val_pairs:
             loaded.append(_load_pair(image, label))
             if loaded[-1][3] is not None:
@@ -1139,6 +1139,12 @@ class _TrainFiles:
         contract.save_checkpoint(checkpoint_path, checkpoint)
         write_metrics(self.metrics_path, metrics)
         resume_path.unlink(missing_ok=True)
+
+
+def _box_context(model_cfg: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
+    """(context, align) of ``_load_pair`` for a model: one patch at full resolution, the pooling factor."""
+    factor = int(model_cfg[contract.DOWNSAMPLE_XY])
+    return (int(model_cfg["patch"][0]), *(int(p) * factor for p in model_cfg["patch"][1:])), factor
 
 
 def train_files(
@@ -1170,7 +1176,7 @@ def train_files(
     check_split(params["train"]["batch_size"], count, setup.model_cfg["norm"])
     job = _TrainFiles(
         [tuple(pair) for pair in train_pairs], [tuple(pair) for pair in val_pairs], Path(checkpoint_path), Path(metrics_path),
-        Path(support_path) if support_path is not None else None, params,
+        Path(support_path) if support_path is not None else None, params, *_box_context(setup.model_cfg),
     )
     devices = claim_devices(count, log=lambda line: print(f"emmito train: {line}", file=sys.stderr, flush=True))
     if count == 1:

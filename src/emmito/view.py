@@ -42,7 +42,7 @@ from typing import Any
 from emmito import contract
 from emmito.export import IMAGE_LAYER, OBJECTS_FILE, SEGMENTATION_LAYER
 from emmito.io import EmmitoError, atomic_path, read_json
-from emmito.suggest import OBJECT_PROJECTION, OBJECT_ZOOM, box_position, box_projection_scale, box_zoom, read_suggestions
+from emmito.suggest import OBJECT_PROJECTION, OBJECT_ZOOM, box_position, box_projection_scale, box_zoom, suggestion_row
 
 # Flags that make Chromium render WebGL in software on a machine without a GPU
 # or a display (see the neuroglancer note: SwiftShader through ANGLE).
@@ -251,12 +251,7 @@ def chosen_suggestion(args: argparse.Namespace) -> dict[str, Any] | None:
     number = getattr(args, "suggestion", None)
     if number is None:
         return None
-    path = Path(getattr(args, "suggestions", None) or contract.suggestions_beside(args.ng_dir))
-    rows = read_suggestions(path)
-    for row in rows:
-        if row["rank"] == str(number):
-            return row
-    raise EmmitoError(f"{path}: no suggestion {number}: it has {len(rows)} rows, ranked 1 to {len(rows)}; pick one of those")
+    return suggestion_row(getattr(args, "suggestions", None) or contract.suggestions_beside(args.ng_dir), number)
 
 
 def apply_suggestion(viewer: Any, row: dict[str, Any]) -> None:
